@@ -1,0 +1,198 @@
+"""The worker side: take runs from the queue, execute them with the engine, acknowledge them
+once their final state is persisted. Used in-process by ``braid serve`` (embedded mode) and by
+``braid worker`` (distributed mode)."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+import anyio
+
+from agents.registry import Registry
+from server.bus.base import EventBus
+from server.engine.context import Resources
+from server.engine.engine import Engine, RunHandle
+from server.engine.records import NodeExecution, RunInfo, RunUpdate
+from server.errors import NotFound, ValidationFailed
+from server.events import Event, utcnow
+from server.graph.fields import ValidationContext
+from server.graph.model import Graph
+from server.graph.parse import build_graph
+from server.queue.base import Delivery, RunQueue
+from server.status import EventType, RunStatus
+from server.store.base import Store
+
+log = logging.getLogger("braid.runner")
+
+MAX_DELIVERIES = 5
+"""A run delivered more often than this (its workers keep dying) is failed, not retried again."""
+
+HEARTBEAT_SECONDS = 5.0
+
+
+class Publisher:
+    """The engine's Recorder: persist to the store, then publish to live subscribers."""
+
+    def __init__(self, store: Store, bus: EventBus) -> None:
+        self.store = store
+        self.bus = bus
+
+    async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
+        await self.store.record(event, change)
+        await self.bus.publish(event)
+
+
+class GraphCache:
+    """Validated graphs by (name, version): a stored version never changes, so build it once."""
+
+    def __init__(self, store: Store, registry: Registry, validation: ValidationContext, size: int = 256) -> None:
+        self._store = store
+        self._registry = registry
+        self._validation = validation
+        self._size = size
+        self._graphs: OrderedDict[tuple[str, int], Graph] = OrderedDict()
+
+    async def get(self, name: str, version: int) -> Graph:
+        key = (name, version)
+        graph = self._graphs.get(key)
+        if graph is None:
+            record = await self._store.get_graph(name, version)
+            graph = build_graph(record.spec, self._registry, self._validation)
+            self._graphs[key] = graph
+            if len(self._graphs) > self._size:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return graph
+
+
+async def finish_without_engine(publisher: Publisher, store: Store, run_id: str, status: RunStatus, error: str) -> None:
+    """End a run that the engine never got to (its graph is gone or invalid, it was cancelled while
+    queued, it was delivered too often) with a ``workflow.finished`` event, so no client waits on a
+    dead stream."""
+    run = await store.get_run(run_id)
+    if run.status.ended:
+        return
+    at = utcnow()
+    event = Event(
+        run_id=run_id,
+        seq=run.last_seq + 1,
+        type=EventType.WORKFLOW_FINISHED,
+        graph=run.graph,
+        data={"status": str(status), "output": None, "error": error, "duration_ms": 0, "usage": run.usage},
+        at=at,
+    )
+    await publisher.record(event, RunUpdate(status=status, at=at, error=error, usage=dict(run.usage)))
+
+
+class Runner:
+    """Executes runs taken from ``queue``, up to ``concurrency`` at once."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        queue: RunQueue,
+        bus: EventBus,
+        registry: Registry,
+        resources: Resources,
+        validation: ValidationContext,
+        env: Mapping[str, str] | None = None,
+        concurrency: int = 32,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.publisher = Publisher(store, bus)
+        self.engine = Engine(resources, env)
+        self.graphs = GraphCache(store, registry, validation)
+        self.concurrency = concurrency
+        self.handles: dict[str, RunHandle] = {}
+        # Cancellations heard for runs this worker does not hold (yet): a cancel that races the
+        # run's delivery is applied when the run arrives.
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Take and execute runs until cancelled (shutdown leaves unfinished runs to be resumed)."""
+        limiter = anyio.Semaphore(self.concurrency)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._listen_for_cancellations)
+            task_status.started()
+            while True:
+                await limiter.acquire()
+                try:
+                    delivery = await self.queue.take()
+                except BaseException:
+                    limiter.release()
+                    raise
+                tg.start_soon(self._execute_delivery, delivery, limiter)
+
+    async def _listen_for_cancellations(self) -> None:
+        async for run_id in self.queue.cancellations():
+            if not self.cancel_local(run_id):
+                self._cancelled[run_id] = None
+                if len(self._cancelled) > 10_000:
+                    self._cancelled.popitem(last=False)
+
+    async def _execute_delivery(self, delivery: Delivery, limiter: anyio.Semaphore) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat, delivery)
+                try:
+                    await self.execute(delivery.run_id, deliveries=delivery.deliveries)
+                finally:
+                    tg.cancel_scope.cancel()
+            await delivery.ack()
+        except Exception:
+            # The run stays as persisted; its message is redelivered (or reclaimed) later.
+            log.exception("run %s: execution failed; it will be retried", delivery.run_id)
+        finally:
+            limiter.release()
+
+    async def _heartbeat(self, delivery: Delivery) -> None:
+        while True:
+            await anyio.sleep(HEARTBEAT_SECONDS)
+            await delivery.heartbeat()
+
+    async def execute(self, run_id: str, *, deliveries: int = 1) -> RunUpdate | None:
+        """Execute (or resume) one run to its end; None when there was nothing to do."""
+        try:
+            run = await self.store.get_run(run_id)
+        except NotFound:
+            log.warning("run %s: not in the database; dropping its message", run_id)
+            return None
+        if run.status.ended:
+            return None
+        if deliveries > MAX_DELIVERIES:
+            await finish_without_engine(
+                self.publisher,
+                self.store,
+                run_id,
+                RunStatus.FAILED,
+                f"run was delivered {deliveries} times without finishing (its workers keep dying); giving up",
+            )
+            return None
+        try:
+            graph = await self.graphs.get(run.graph, run.version)
+        except (NotFound, ValidationFailed) as exc:
+            await finish_without_engine(self.publisher, self.store, run_id, RunStatus.FAILED, f"cannot run: {exc}")
+            return None
+        state = await self.store.run_state(run_id)
+        handle = RunHandle()
+        self.handles[run_id] = handle
+        if run_id in self._cancelled:
+            del self._cancelled[run_id]
+            handle.cancel("cancelled by request")
+        try:
+            info = RunInfo(id=run.id, graph=run.graph, version=run.version, input=run.input)
+            return await self.engine.run(graph, info, self.publisher, state=state, handle=handle)
+        finally:
+            del self.handles[run_id]
+
+    def cancel_local(self, run_id: str) -> bool:
+        """Cancel a run this process executes; False if it is not here."""
+        handle = self.handles.get(run_id)
+        if handle is None:
+            return False
+        handle.cancel("cancelled by request")
+        return True

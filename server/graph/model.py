@@ -4,10 +4,12 @@ the graph is built (``server.graph.parse.build_graph``). Immutable after that.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from agents.registry import AgentConfig, AgentKind
 from server.graph.expressions import Expression
+
+if TYPE_CHECKING:  # agents.registry imports the engine, which imports this module
+    from agents.registry import AgentConfig, AgentKind
 
 OnError = Literal["fail", "continue"]
 

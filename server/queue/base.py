@@ -22,6 +22,11 @@ class Delivery(Protocol):
         """The worker is alive and still on it: do not hand it to another worker."""
         ...
 
+    async def dead_letter(self, reason: str) -> None:
+        """Give up on this message (it was delivered too often): keep it aside with ``reason``
+        and drop it from the queue. The worker fails the run itself."""
+        ...
+
 
 class RunQueue(Protocol):
     async def enqueue(self, run_id: str) -> None: ...

@@ -1,0 +1,161 @@
+"""The distributed event bus: events go through Redis Streams, so every API process can serve
+every run's live events.
+
+Each event is appended to its run's stream (``{prefix}:events:{run_id}``, which expires a while
+after the run finished; the database keeps the history) and to the global feed
+(``{prefix}:events``, trimmed to an approximate length). A subscription fixes its starting point
+(the stream's last entry id) before ``subscribe`` returns, then one reader task per subscription
+reads onward from the last id it saw with ``XREAD BLOCK``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
+
+from server.bus.memory import DEFAULT_BUFFER, Buffer
+from server.events import Event
+from server.keys import DEFAULT_PREFIX, Keys
+from server.queue.redis import TRANSIENT, client_name, connect, stream_entries, text
+from server.status import EventType
+
+log = logging.getLogger("braid.bus")
+
+
+def encode(event: Event) -> dict[FieldT, EncodableT]:
+    return {
+        "e": json.dumps(event.as_json(), separators=(",", ":"), default=str),
+        "g": "" if event.gid is None else str(event.gid),
+    }
+
+
+def decode(fields: Mapping[Any, Any]) -> Event:
+    values = {text(k): text(v) for k, v in fields.items()}
+    gid = values.get("g")
+    return Event.from_json(json.loads(values["e"]), gid=int(gid) if gid else None)
+
+
+class RedisBus:
+    """Events through Redis Streams; see the module docstring.
+
+    Args:
+        redis: a ``redis://`` URL, or a client (``decode_responses=True``, a ``socket_timeout``
+            longer than ``block_ms``); a client passed in is not closed by ``close()``.
+        prefix: the prefix of every key (see ``server.keys``).
+        run_stream_ttl: seconds a run's stream lives after its ``workflow.finished``.
+        unfinished_ttl: seconds a run's stream lives after its latest event when it never finishes.
+        feed_length: the approximate number of events the streams keep.
+        block_ms: how long one ``XREAD`` blocks.
+        buffer_size: events a subscriber may fall behind by before it is dropped.
+    """
+
+    def __init__(
+        self,
+        redis: str | Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        run_stream_ttl: int = 3600,
+        unfinished_ttl: int = 86_400,
+        feed_length: int = 100_000,
+        block_ms: int = 5000,
+        buffer_size: int = DEFAULT_BUFFER,
+        backoff_cap: float = 10.0,
+    ) -> None:
+        self._owns_client = isinstance(redis, str)
+        self.redis: Redis = (
+            connect(redis, block_ms=block_ms, name=client_name(f"{prefix}-bus"))
+            if isinstance(redis, str)
+            else redis
+        )
+        self.keys = Keys(prefix)
+        self.run_stream_ttl = run_stream_ttl
+        self.unfinished_ttl = unfinished_ttl
+        self.feed_length = feed_length
+        self.block_ms = block_ms
+        self.buffer_size = buffer_size
+        self.backoff_cap = backoff_cap
+        self.subscriber_count = 0
+        self.reader_count = 0
+        """Reader tasks running (one per subscription while it is open)."""
+        self._buffers: set[Buffer] = set()
+
+    async def publish(self, event: Event) -> None:
+        fields = encode(event)
+        run_key = self.keys.run_events(event.run_id)
+        finished = event.type is EventType.WORKFLOW_FINISHED
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(run_key, fields, maxlen=self.feed_length, approximate=True)
+            pipe.expire(run_key, self.run_stream_ttl if finished else self.unfinished_ttl)
+            pipe.xadd(self.keys.events, fields, maxlen=self.feed_length, approximate=True)
+            await pipe.execute()
+
+    @asynccontextmanager
+    async def subscribe(self, run_id: str | None = None) -> AsyncGenerator[Buffer, None]:
+        key = self.keys.events if run_id is None else self.keys.run_events(run_id)
+        start = await self._last_id(key)
+        buffer = Buffer(self.buffer_size)
+        self._buffers.add(buffer)
+        self.subscriber_count += 1
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read, key, start, buffer)
+                try:
+                    yield buffer
+                except Exception as exc:
+                    failure = exc  # re-raised below as itself, not wrapped in an ExceptionGroup
+                finally:
+                    tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+        finally:
+            self.subscriber_count -= 1
+            self._buffers.discard(buffer)
+            buffer.close()
+
+    async def close(self) -> None:
+        for buffer in list(self._buffers):
+            buffer.end("was closed with the event bus")
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def _last_id(self, key: str) -> str:
+        last = await self.redis.xrevrange(key, "+", "-", count=1)
+        return text(last[0][0]) if last else "0-0"
+
+    async def _read(self, key: str, last: str, buffer: Buffer) -> None:
+        self.reader_count += 1
+        try:
+            failures = 0
+            while buffer.dropped is None:
+                try:
+                    response = await self.redis.xread({key: last}, count=500, block=self.block_ms)
+                except TRANSIENT as exc:
+                    failures += 1
+                    delay = min(self.backoff_cap, 0.1 * 2 ** min(failures, 16))
+                    log.warning("redis unavailable while reading %s (%s); retrying in %.1fs", key, exc, delay)
+                    await anyio.sleep(delay)
+                    continue
+                except RedisError as exc:
+                    buffer.end(f"lost its event stream ({exc})")
+                    return
+                failures = 0
+                for entry_id, fields in stream_entries(response):
+                    last = entry_id
+                    try:
+                        event = decode(fields or {})
+                    except (KeyError, ValueError) as exc:
+                        log.warning("skipping unreadable event %s in %s: %s", entry_id, key, exc)
+                        continue
+                    if not buffer.offer(event):
+                        return
+        finally:
+            self.reader_count -= 1

@@ -1,0 +1,647 @@
+"""The execution engine: runs one validated graph for one run, recording every step.
+
+The scheduler is event driven, never a global superstep: when a node ends, its outgoing edges are
+resolved and every node whose incoming forward edges are all resolved starts at once (or is
+skipped when none of them was taken, and the skip propagates). Nodes run concurrently in one anyio
+task group, bounded by ``graph.concurrency``; a back edge that is taken resets its loop body and
+starts the loop again. Everything the engine does goes out through the ``Recorder`` it is given,
+in sequence order, so a run can be watched live and resumed by another worker.
+
+Choices where DESIGN.md is silent:
+
+* ``max_steps`` counts node executions: a mapped node counts once, whatever its item count;
+  executions replayed on resume count too, so a resumed loop stops where it would have.
+* A node that takes several back edges at once follows the first (declaration order).
+* ``on_error: continue`` on a mapped node applies per item: a failed item's result is
+  ``{"error": ...}`` and the node goes on; the map expression failing fails the node as a whole.
+* A node cancelled while running (the run was cancelled, or a sibling failed) is recorded with
+  status ``cancelled`` through a ``node.failed`` event whose error starts with ``cancelled``: the
+  Recorder persists state only together with an event.
+* A node completing again in a loop re-resolves its edges into nodes outside the loop only while
+  those nodes have not started: a node runs at most once per pass (join-once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.abc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from server.engine.context import NodeContext, Resources
+from server.engine.protocols import Recorder
+from server.engine.records import NodeExecution, RunInfo, RunState, RunUpdate, Usage, add_usage
+from server.errors import BraidError, ExpressionError, NodeError, RetryableError
+from server.events import Event, utcnow
+from server.graph.model import Edge, Graph, Node, RetryPolicy
+from server.status import EventType, NodeStatus, RunStatus
+
+RECORD_TIMEOUT = 10.0
+"""Longest wait for one ``Recorder.record`` call; beyond it the store is taken to be gone."""
+
+
+class RecordTimeout(BraidError):
+    """The recorder did not answer in time: the run stops where it is, to be resumed later."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: a retryable ``NodeError`` or a timeout. Never a
+    cancellation or any other ``BaseException``."""
+    if isinstance(exc, NodeError):
+        return exc.retryable
+    return isinstance(exc, TimeoutError)
+
+
+def describe(exc: BaseException) -> str:
+    """An error message for users: Braid's own errors as they are, others with their type."""
+    if isinstance(exc, BraidError):
+        return str(exc) or type(exc).__name__
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def retry_wait(policy: RetryPolicy) -> wait_exponential_jitter:
+    """Exponential backoff from ``initial_delay`` by ``multiplier``, capped at ``max_delay``, plus
+    up to one ``initial_delay`` of random jitter when ``jitter`` is set."""
+    return wait_exponential_jitter(
+        multiplier=policy.initial_delay,
+        exp_base=policy.multiplier,
+        max=policy.max_delay,
+        jitter=policy.initial_delay if policy.jitter else 0,
+    )
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of plain data (dicts, lists, scalars), so an agent cannot change the run's state."""
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_copy(v) for v in value]
+    return value
+
+
+def _snapshot(ex: NodeExecution) -> NodeExecution:
+    return dataclasses.replace(ex, usage=dict(ex.usage) if ex.usage is not None else None)
+
+
+class RunHandle:
+    """Created by the caller; ``cancel()`` from any task in the same event loop cancels the run.
+
+    A handle cancelled before the run starts cancels it as soon as it starts.
+    """
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if self._reason is None:
+            self._reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._reason is not None
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    def _attach(self, scope: anyio.CancelScope) -> None:
+        self._scope = scope
+        if self._reason is not None:
+            scope.cancel()
+
+    def _detach(self) -> None:
+        self._scope = None
+
+
+class Engine:
+    """Executes graphs. One engine serves any number of runs at once; it holds no run state."""
+
+    def __init__(self, resources: Resources | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.resources = resources if resources is not None else Resources()
+        self.env: dict[str, str] = dict(env or {})
+
+    async def run(
+        self,
+        graph: Graph,
+        run: RunInfo,
+        recorder: Recorder,
+        *,
+        state: RunState | None = None,
+        handle: RunHandle | None = None,
+    ) -> RunUpdate:
+        """Execute (or resume, given ``state``) ``run`` of ``graph`` to its end.
+
+        Emits ``workflow.started`` (unless ``state.started``), the node events, and always
+        ``workflow.finished``, whose run update it returns. A cancellation from outside (the
+        caller's scope) records nothing more and propagates: the run stays ``running`` for another
+        worker to resume. Errors of the recorder propagate the same way.
+        """
+        execution = _Run(self, graph, run, recorder, state or RunState(), handle or RunHandle())
+        return await execution.execute()
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+_PENDING, _ACTIVE, _DONE = 0, 1, 2
+"""A node's phase in its current pass: waiting for its inputs, started, ended (or skipped)."""
+
+
+@dataclass(slots=True)
+class _Decision:
+    """Where a node that ended goes next: the back edge it takes, or its forward edges' fate."""
+
+    back: Edge | None
+    forward: list[tuple[Edge, bool]]
+
+
+class _Run:
+    def __init__(
+        self,
+        engine: Engine,
+        graph: Graph,
+        info: RunInfo,
+        recorder: Recorder,
+        state: RunState,
+        handle: RunHandle,
+    ) -> None:
+        self.engine = engine
+        self.graph = graph
+        self.info = info
+        self.recorder = recorder
+        self.state = state
+        self.handle = handle
+        self.seq = state.last_seq
+        self.lock = anyio.Lock()
+        self.limiter = anyio.CapacityLimiter(max(1, graph.concurrency))
+        # Map items get their own slots: a mapped node holds a node slot while its items run.
+        self.item_limiter = anyio.CapacityLimiter(max(1, graph.concurrency))
+        self.edges = {e.index: e for e in graph.edges}
+        self.forward_out = {n: [e for e in graph.outgoing.get(n, []) if not e.back] for n in graph.nodes}
+        self.replay: dict[tuple[str, int, int | None], NodeExecution] = {}
+        for ex in state.executions:
+            node = graph.nodes.get(ex.node)
+            if node is None:
+                continue
+            if ex.status in (NodeStatus.SUCCEEDED, NodeStatus.SKIPPED) or (
+                ex.status == NodeStatus.FAILED and node.on_error == "continue"
+            ):
+                self.replay[ex.key] = ex
+        self.outputs: dict[str, Any] = {}
+        self.iteration = dict.fromkeys(graph.nodes, 0)
+        self.phase = dict.fromkeys(graph.nodes, _PENDING)
+        self.resolved: dict[str, dict[int, bool]] = {n: {} for n in graph.nodes}
+        self.steps = 0
+        self.usage: Usage = {}
+        self.stop: tuple[RunStatus, str] | None = None
+        self.crash: Exception | None = None
+        self.scope = anyio.CancelScope()
+        self.run_vars = {"id": info.id, "graph": graph.name, "version": info.version}
+        started = [ex.started_at for ex in state.executions if ex.started_at is not None]
+        self.started_at: datetime = min(started) if started else utcnow()
+
+    # --- the run as a whole ---
+
+    async def execute(self) -> RunUpdate:
+        if not self.state.started:
+            await self.emit(
+                EventType.WORKFLOW_STARTED,
+                {"version": self.info.version, "input": self.info.input},
+                RunUpdate(status=RunStatus.RUNNING, at=utcnow()),
+            )
+        try:
+            with self.scope:
+                self.handle._attach(self.scope)
+                async with anyio.create_task_group() as tg:
+                    self.begin(tg)
+        finally:
+            self.handle._detach()
+        if self.crash is not None:
+            raise self.crash
+        output: Any = None
+        if self.stop is not None:
+            status, error = self.stop
+        elif self.handle.cancelled:
+            status, error = RunStatus.CANCELLED, self.handle.reason
+        else:
+            status, error = RunStatus.SUCCEEDED, None
+            try:
+                output = self.final_output()
+            except Exception as exc:
+                status, error = RunStatus.FAILED, f"output: {describe(exc)}"
+        at = utcnow()
+        update = RunUpdate(status=status, at=at, output=output, error=error, usage=dict(self.usage))
+        duration = round((at - self.started_at).total_seconds() * 1000)
+        await self.emit(
+            EventType.WORKFLOW_FINISHED,
+            {
+                "status": str(status),
+                "output": output,
+                "error": error,
+                "duration_ms": duration,
+                "usage": dict(self.usage),
+            },
+            update,
+        )
+        return update
+
+    def begin(self, tg: anyio.abc.TaskGroup) -> None:
+        self.tg = tg
+        if not self.graph.entry:
+            self.fail("the graph has no entry node (a node without incoming edges): nothing can start")
+            return
+        for name in self.graph.entry:
+            self.phase[name] = _ACTIVE
+            tg.start_soon(self.node_task, name, name=f"braid node {name}")
+
+    def fail(self, error: str, status: RunStatus = RunStatus.FAILED) -> None:
+        """End the run with ``error``, cancelling whatever still runs (the first failure wins)."""
+        if self.stop is None:
+            self.stop = (status, error)
+        self.scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a cancellation comes from the run itself (not from outside the engine)."""
+        return self.stop is not None or self.handle.cancelled
+
+    def final_output(self) -> Any:
+        if self.graph.output is not None:
+            return self.graph.output.evaluate(self.variables(None, 0))
+        ran = [n for n in self.graph.nodes if not self.forward_out[n] and n in self.outputs]
+        if len(ran) == 1:
+            return self.outputs[ran[0]]
+        return {n: self.outputs[n] for n in ran} if ran else None
+
+    async def emit(
+        self, type: EventType, data: dict[str, Any], change: NodeExecution | RunUpdate | None
+    ) -> None:
+        """Number ``data`` as the run's next event and record it. Shielded, so a cancellation
+        never leaves a gap in the sequence, and bounded, so a dead store cannot hang the run."""
+        with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
+            async with self.lock:
+                self.seq += 1
+                event = Event(self.info.id, self.seq, type, self.graph.name, data, at=utcnow())
+                await self.recorder.record(event, change)
+        if scope.cancelled_caught:
+            raise RecordTimeout(f"recording {type} took over {RECORD_TIMEOUT:g}s: is the store reachable?")
+
+    def variables(self, node: str | None, iteration: int, *, copy: bool = False) -> dict[str, Any]:
+        outputs: Any = self.outputs
+        run_input: Any = self.info.input
+        if copy:
+            outputs, run_input = _plain_copy(outputs), _plain_copy(run_input)
+        return {
+            "input": run_input,
+            "outputs": outputs,
+            "run": dict(self.run_vars),
+            "iteration": iteration,
+            "env": dict(self.engine.env),
+        }
+
+    # --- scheduling ---
+
+    async def node_task(self, name: str) -> None:
+        try:
+            async with self.limiter:
+                decision = await self.execute_node(name)
+            if decision is not None:
+                await self.advance(name, decision)
+        except Exception as exc:  # the recorder failed: stop here, to be resumed later
+            if self.crash is None:
+                self.crash = exc
+            self.scope.cancel()
+
+    async def advance(self, name: str, decision: _Decision) -> None:
+        """Resolve the edges of ``name``, which just ended, then skip or start what that decides."""
+        self.phase[name] = _DONE
+        skipped: list[tuple[str, int]] = []
+        ready: list[str] = []
+        if decision.back is not None:
+            self.reset(decision.back)
+            ready.append(decision.back.target)
+        else:
+            self.propagate(deque(decision.forward), skipped, ready)
+        for node, iteration in skipped:
+            await self.skip(node, iteration)
+        for node in ready:
+            self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
+
+    def propagate(
+        self, work: deque[tuple[Edge, bool]], skipped: list[tuple[str, int]], ready: list[str]
+    ) -> None:
+        while work:
+            edge, taken = work.popleft()
+            target = edge.target
+            if self.phase[target] != _PENDING:
+                continue  # already started or ended in this pass: a node runs once per pass
+            resolved = self.resolved[target]
+            resolved[edge.index] = taken
+            if len(resolved) < len(self.graph.incoming.get(target, [])):
+                continue
+            if any(resolved.values()):
+                self.phase[target] = _ACTIVE
+                ready.append(target)
+            else:
+                self.phase[target] = _DONE
+                skipped.append((target, self.iteration[target]))
+                work.extend((e, False) for e in self.forward_out[target])
+
+    def reset(self, back: Edge) -> None:
+        """Start another pass of the loop that ``back`` closes."""
+        body = self.graph.loop_body.get(back.index, frozenset({back.target, back.source}))
+        for node in body:
+            self.iteration[node] += 1
+            self.phase[node] = _PENDING
+            self.resolved[node] = {
+                i: taken for i, taken in self.resolved[node].items() if self.edges[i].source not in body
+            }
+        self.phase[back.target] = _ACTIVE
+
+    async def skip(self, name: str, iteration: int) -> None:
+        recorded = self.replay.get((name, iteration, None))
+        if recorded is not None and recorded.status == NodeStatus.SKIPPED:
+            return
+        at = utcnow()
+        ex = NodeExecution(node=name, iteration=iteration, status=NodeStatus.SKIPPED, finished_at=at)
+        await self.emit(EventType.NODE_SKIPPED, {"node": name}, ex)
+
+    def decide(self, name: str, output: Any, *, lenient: bool = False) -> _Decision:
+        """Evaluate the ``when`` of every edge out of ``name`` given its ``output``. An expression
+        error raises ``ExpressionError`` (a failure of ``name``), or, when ``lenient``, counts as
+        false."""
+        variables = self.variables(name, self.iteration[name])
+        variables["outputs"] = {**self.outputs, name: output}
+
+        def taken(edge: Edge) -> bool:
+            if edge.when is None:
+                return True
+            try:
+                return bool(edge.when.evaluate(variables))
+            except ExpressionError as exc:
+                if lenient:
+                    return False
+                raise ExpressionError(f"edge {edge.source} → {edge.target}: {exc}") from None
+
+        for edge in self.graph.outgoing.get(name, []):
+            if edge.back and taken(edge):
+                return _Decision(back=edge, forward=[])
+        return _Decision(back=None, forward=[(e, taken(e)) for e in self.forward_out[name]])
+
+    # --- executing one node ---
+
+    async def execute_node(self, name: str) -> _Decision | None:
+        """Run (or replay) one pass of ``name``; None when the run is to stop."""
+        node = self.graph.nodes[name]
+        iteration = self.iteration[name]
+        self.steps += 1
+        if self.steps > self.graph.max_steps:
+            self.fail(f"run exceeded max_steps={self.graph.max_steps}: is a loop missing its exit condition?")
+            return None
+        recorded = self.replay.get((name, iteration, None))
+        if recorded is not None and recorded.status != NodeStatus.SKIPPED:
+            output = recorded.output
+            if recorded.status == NodeStatus.FAILED and output is None:
+                output = {"error": recorded.error}
+            add_usage(self.usage, recorded.usage)
+            self.outputs[name] = output
+            return self.decide(name, output, lenient=True)
+        ex = NodeExecution(node=name, iteration=iteration, status=NodeStatus.RUNNING, started_at=utcnow())
+        try:
+            if node.map is None:
+                try:
+                    output = await self.attempts(node, ex)
+                except Exception as exc:
+                    return await self.failed(node, ex, describe(exc))
+                return await self.completed(node, ex, output)
+            return await self.run_map(node, ex)
+        except anyio.get_cancelled_exc_class():
+            if self.stopping:
+                await self.cancelled(ex)
+            raise
+
+    async def completed(
+        self, node: Node, ex: NodeExecution, output: Any, *, leaf: bool = True
+    ) -> _Decision | None:
+        try:
+            decision = self.decide(node.id, output)
+        except ExpressionError as exc:
+            return await self.failed(node, ex, str(exc), leaf=leaf)
+        ex.status = NodeStatus.SUCCEEDED
+        ex.output = output
+        ex.error = None
+        ex.finished_at = utcnow()
+        if leaf:
+            add_usage(self.usage, ex.usage)
+        self.outputs[node.id] = output
+        await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
+        return decision
+
+    async def failed(
+        self, node: Node, ex: NodeExecution, error: str, *, leaf: bool = True
+    ) -> _Decision | None:
+        ex.status = NodeStatus.FAILED
+        ex.error = error
+        ex.finished_at = utcnow()
+        if leaf:
+            add_usage(self.usage, ex.usage)
+        data = {"node": node.id, "error": error, "iteration": ex.iteration}
+        if node.on_error == "continue":
+            ex.output = {"error": error}
+            decision = self.decide(node.id, ex.output, lenient=True)
+            self.outputs[node.id] = ex.output
+            await self.emit(EventType.NODE_FAILED, data, _snapshot(ex))
+            return decision
+        await self.emit(EventType.NODE_FAILED, data, _snapshot(ex))
+        self.fail(f"node '{node.id}' failed: {error}")
+        return None
+
+    async def cancelled(self, ex: NodeExecution) -> None:
+        """Record a node that the run's own cancellation interrupted."""
+        if ex.started_at is None or ex.status.ended:
+            return
+        reason = self.stop[1] if self.stop is not None else self.handle.reason
+        ex.status = NodeStatus.CANCELLED
+        ex.error = f"cancelled: {reason}" if reason and reason != "cancelled" else "cancelled"
+        ex.finished_at = utcnow()
+        data: dict[str, Any] = {"node": ex.node, "error": ex.error, "iteration": ex.iteration}
+        if ex.index is not None:
+            data["index"] = ex.index
+        await self.emit(EventType.NODE_FAILED, data, _snapshot(ex))
+
+    def completed_data(self, ex: NodeExecution) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "node": ex.node,
+            "output": ex.output,
+            "duration_ms": ex.duration_ms,
+            "attempts": ex.attempts,
+            "usage": dict(ex.usage or {}),
+            "iteration": ex.iteration,
+        }
+        if ex.index is not None:
+            data["index"] = ex.index
+        return data
+
+    async def attempts(self, node: Node, ex: NodeExecution, item: Any = None) -> Any:
+        """Run the agent until an attempt succeeds, retrying what is retryable; the last failure
+        propagates. Cancellation is never retried nor swallowed."""
+        index = ex.index
+        attempt = 0
+
+        def tagged(data: dict[str, Any]) -> dict[str, Any]:
+            if index is not None:
+                data["index"] = index
+            return data
+
+        async def emit_delta(text: str) -> None:
+            await self.emit(EventType.NODE_DELTA, tagged({"node": node.id, "delta": text}), None)
+
+        async def once() -> Any:
+            nonlocal attempt
+            attempt += 1
+            ex.attempts = attempt
+            ex.status = NodeStatus.RUNNING
+            ex.error = None
+            started = tagged({"node": node.id, "attempt": attempt, "iteration": ex.iteration})
+            await self.emit(EventType.NODE_STARTED, started, _snapshot(ex))
+            variables = self.variables(node.id, ex.iteration, copy=True)
+            if index is not None:
+                variables["item"] = _plain_copy(item)
+                variables["index"] = index
+            ctx = NodeContext(
+                run_id=self.info.id,
+                graph=self.graph.name,
+                node=node.id,
+                attempt=attempt,
+                iteration=ex.iteration,
+                variables=variables,
+                resources=self.engine.resources,
+                index=index,
+                _emit_delta=emit_delta,
+                usage={},
+            )
+            try:
+                with anyio.fail_after(node.timeout):
+                    return await node.agent.run(node.config, ctx)
+            except TimeoutError as exc:
+                raise RetryableError(str(exc) or f"timed out after {node.timeout:g}s") from exc
+            finally:
+                if ctx.usage:
+                    ex.usage = add_usage(ex.usage or {}, ctx.usage)
+
+        async def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            error = describe(exc) if exc is not None else "failed"
+            ex.status = NodeStatus.RETRYING
+            ex.error = error
+            data = {
+                "node": node.id,
+                "attempt": state.attempt_number,
+                "error": error,
+                "delay": state.upcoming_sleep,
+            }
+            await self.emit(EventType.NODE_RETRYING, tagged(data), _snapshot(ex))
+
+        retrying = AsyncRetrying(
+            sleep=anyio.sleep,
+            stop=stop_after_attempt(max(1, node.retry.attempts)),
+            wait=retry_wait(node.retry),
+            retry=retry_if_exception(lambda e: isinstance(e, Exception) and is_retryable(e)),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return await retrying(once)
+
+    async def run_map(self, node: Node, ex: NodeExecution) -> _Decision | None:
+        ex.attempts = 1
+        await self.emit(
+            EventType.NODE_STARTED, {"node": node.id, "attempt": 1, "iteration": ex.iteration}, _snapshot(ex)
+        )
+        assert node.map is not None
+        try:
+            items = node.map.evaluate(self.variables(node.id, ex.iteration))
+        except ExpressionError as exc:
+            return await self.failed(node, ex, str(exc))
+        if not isinstance(items, list | tuple):
+            error = f"map expression {node.map.source!r} gave {type(items).__name__}, not a list"
+            return await self.failed(node, ex, error)
+        items = list(items)
+        results: list[Any] = [None] * len(items)
+        failures: list[str] = []
+        async with anyio.create_task_group() as tg:
+            for index, item in enumerate(items):
+                tg.start_soon(self.run_item, node, ex, index, item, results, failures, tg.cancel_scope)
+        if failures:
+            return await self.failed(node, ex, failures[0], leaf=False)
+        return await self.completed(node, ex, results, leaf=False)
+
+    async def run_item(
+        self,
+        node: Node,
+        parent: NodeExecution,
+        index: int,
+        item: Any,
+        results: list[Any],
+        failures: list[str],
+        siblings: anyio.CancelScope,
+    ) -> None:
+        async with self.item_limiter:
+            recorded = self.replay.get((node.id, parent.iteration, index))
+            if recorded is not None and recorded.status != NodeStatus.SKIPPED:
+                output = recorded.output
+                if recorded.status == NodeStatus.FAILED and output is None:
+                    output = {"error": recorded.error}
+                results[index] = output
+                add_usage(self.usage, recorded.usage)
+                parent.usage = add_usage(parent.usage or {}, recorded.usage)
+                return
+            ex = NodeExecution(
+                node=node.id,
+                iteration=parent.iteration,
+                index=index,
+                status=NodeStatus.RUNNING,
+                started_at=utcnow(),
+            )
+            try:
+                try:
+                    output = await self.attempts(node, ex, item)
+                except Exception as exc:
+                    error = describe(exc)
+                    ex.status = NodeStatus.FAILED
+                    ex.error = error
+                    ex.finished_at = utcnow()
+                    if node.on_error == "continue":
+                        ex.output = results[index] = {"error": error}
+                    data = {"node": node.id, "error": error, "iteration": ex.iteration, "index": index}
+                    await self.emit(EventType.NODE_FAILED, data, _snapshot(ex))
+                    if node.on_error != "continue":
+                        failures.append(f"item {index}: {error}")
+                        siblings.cancel()
+                else:
+                    ex.status = NodeStatus.SUCCEEDED
+                    ex.output = results[index] = output
+                    ex.finished_at = utcnow()
+                    await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
+                finally:
+                    add_usage(self.usage, ex.usage)
+                    if ex.usage:
+                        parent.usage = add_usage(parent.usage or {}, ex.usage)
+            except anyio.get_cancelled_exc_class():
+                if self.stopping or failures:
+                    await self.cancelled(ex)
+                raise

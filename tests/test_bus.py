@@ -1,0 +1,203 @@
+"""The event bus contract, against the embedded bus and against Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import pytest
+
+from server.bus.base import SubscriberTooSlow, Subscription
+from server.bus.memory import MemoryBus
+from server.bus.redis import RedisBus
+from server.events import Event
+from server.keys import Keys
+from server.queue.redis import connect
+from server.status import EventType
+from tests.services import require_redis
+
+Bus = MemoryBus | RedisBus
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Backend:
+    """Makes buses: a fresh in-process bus, or Redis buses sharing one test prefix (like the API
+    and worker processes of one deployment)."""
+
+    def __init__(self, kind: str, url: str = "") -> None:
+        self.kind = kind
+        self.url = url
+        self.keys = Keys(f"braid-test-{uuid.uuid4().hex[:12]}")
+        self.buses: list[Bus] = []
+
+    def bus(self, *, buffer_size: int = 10_000, run_stream_ttl: int = 3600) -> Bus:
+        bus: Bus
+        if self.kind == "memory":
+            bus = MemoryBus(buffer_size)
+        else:
+            bus = RedisBus(
+                self.url,
+                prefix=self.keys.prefix,
+                buffer_size=buffer_size,
+                run_stream_ttl=run_stream_ttl,
+                block_ms=500,
+            )
+        self.buses.append(bus)
+        return bus
+
+    async def close(self) -> None:
+        for bus in self.buses:
+            await bus.close()
+        if self.kind == "redis":
+            async with connect(self.url) as redis:
+                keys = [key async for key in redis.scan_iter(match=self.keys.pattern)]
+                if keys:
+                    await redis.delete(*keys)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Backend]:
+    url = require_redis() if request.param == "redis" else ""
+    backend = Backend(request.param, url)
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+_gid = iter(range(1, 1_000_000))
+
+
+def event(run_id: str, seq: int, type: EventType = EventType.NODE_STARTED, **data: Any) -> Event:
+    return Event(
+        run_id=run_id,
+        seq=seq,
+        type=type,
+        graph="brief",
+        data=data or {"node": f"n{seq}", "attempt": 1, "iteration": 0},
+        at=datetime.now(UTC),
+        gid=next(_gid),
+    )
+
+
+async def receive(subscription: Subscription, count: int) -> list[Event]:
+    with anyio.fail_after(5):
+        return [await subscription.receive() for _ in range(count)]
+
+
+@pytest.mark.anyio
+async def test_run_subscriber_gets_its_run_in_order(backend: Backend) -> None:
+    bus = backend.bus()
+    a = [event("a", 1), event("a", 2, EventType.NODE_DELTA, node="n", delta="héllo"), event("a", 3)]
+    b = [event("b", 1)]
+    async with bus.subscribe("a") as subscription:
+        for e in [a[0], b[0], a[1], a[2]]:
+            await bus.publish(e)
+
+        assert await receive(subscription, 3) == a  # every field (gid, time, data) intact
+
+
+@pytest.mark.anyio
+async def test_global_subscriber_gets_every_run(backend: Backend) -> None:
+    bus = backend.bus()
+    events = [
+        event("a", 1),
+        event("b", 1),
+        event("a", 2),
+        event("c", 1, EventType.WORKFLOW_FINISHED, status="failed"),
+    ]
+    async with bus.subscribe() as subscription:
+        for e in events:
+            await bus.publish(e)
+
+        assert await receive(subscription, 4) == events
+
+
+@pytest.mark.anyio
+async def test_live_from_subscribe(backend: Backend) -> None:
+    bus = backend.bus()
+    await bus.publish(event("a", 1))  # before: the caller reads it from the database instead
+
+    async with bus.subscribe("a") as run, bus.subscribe() as feed:
+        await bus.publish(event("a", 2))  # right after subscribe returned: never lost
+
+        assert [e.seq for e in await receive(run, 1)] == [2]
+        assert [(e.run_id, e.seq) for e in await receive(feed, 1)] == [("a", 2)]
+
+
+@pytest.mark.anyio
+async def test_slow_subscriber_is_dropped_fast_one_keeps_up(backend: Backend) -> None:
+    bus = backend.bus(buffer_size=5)
+    async with bus.subscribe("a") as slow, bus.subscribe("a") as fast:
+        for seq in range(1, 21):
+            await bus.publish(event("a", seq))
+            assert [e.seq for e in await receive(fast, 1)] == [seq]
+
+        with anyio.fail_after(5):
+            # the slow one never read: it holds at most 5 events, and is dropped at the 6th
+            while slow.dropped is None:  # noqa: ASYNC110 (Redis: its reader task gets there)
+                await anyio.sleep(0.01)
+        with pytest.raises(SubscriberTooSlow):
+            await slow.receive()
+
+
+@pytest.mark.anyio
+async def test_leaving_leaves_nothing_behind(backend: Backend) -> None:
+    bus = backend.bus()
+    async with bus.subscribe("a"), bus.subscribe("a"), bus.subscribe():
+        assert bus.subscriber_count == 3
+    with pytest.raises(KeyError):  # an error inside the block comes out as itself
+        async with bus.subscribe("a"):
+            raise KeyError("boom")
+
+    assert bus.subscriber_count == 0
+    if isinstance(bus, RedisBus):
+        assert bus.reader_count == 0
+    await bus.publish(event("a", 1))  # nobody listening: fine
+
+
+@pytest.mark.anyio
+async def test_close_ends_subscriptions(backend: Backend) -> None:
+    bus = backend.bus()
+    async with bus.subscribe("a") as subscription:
+        await bus.close()
+        with anyio.fail_after(5), pytest.raises(SubscriberTooSlow):
+            await subscription.receive()
+
+
+@pytest.fixture
+async def redis_backend(anyio_backend: str) -> AsyncIterator[Backend]:
+    backend = Backend("redis", require_redis())
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@pytest.mark.anyio
+async def test_redis_events_cross_processes(redis_backend: Backend) -> None:
+    api, worker = redis_backend.bus(), redis_backend.bus()
+    async with api.subscribe("a") as subscription:
+        await worker.publish(event("a", 1))
+        assert [e.seq for e in await receive(subscription, 1)] == [1]
+
+
+@pytest.mark.anyio
+async def test_redis_run_stream_expires_after_the_run_finished(redis_backend: Backend) -> None:
+    bus = redis_backend.bus(run_stream_ttl=60)
+    stream = redis_backend.keys.run_events("a")
+    async with connect(redis_backend.url) as redis:
+        await bus.publish(event("a", 1))
+        assert await redis.ttl(stream) > 60  # an unfinished run's stream lives on, but not forever
+
+        await bus.publish(event("a", 2, EventType.WORKFLOW_FINISHED, status="succeeded"))
+
+        assert 0 < await redis.ttl(stream) <= 60
+        assert await redis.xlen(redis_backend.keys.events) == 2

@@ -97,10 +97,5 @@ def default_registry(extra_modules: Iterable[str] = ()) -> Registry:
     """The built-in kinds plus the kinds of the user's modules (BRAID_AGENT_MODULES)."""
     registry = Registry()
     for name in (*BUILTIN_MODULES, *extra_modules):
-        try:
-            registry.load(name)
-        except SettingsError:
-            if name in BUILTIN_MODULES:
-                continue  # a built-in not written yet; its nodes fail validation as unknown kinds
-            raise
+        registry.load(name)
     return registry

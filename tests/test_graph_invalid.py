@@ -415,3 +415,8 @@ output: "outputs.write |"
     }
     assert "invalid graph: name:" in str(caught.value)
     assert "(and 9 more)" in str(caught.value)
+
+
+def test_a_node_id_that_shadows_a_dict_method_is_refused(registry: Registry) -> None:
+    messages = problems_at(registry, doc({"items": t()}), "nodes.items")
+    assert any("outputs.items" in m for m in messages)

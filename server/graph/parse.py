@@ -28,6 +28,8 @@ from server.graph.model import Edge, Graph, Node, RetryPolicy
 from server.graph.topology import Link, analyse
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+RESERVED_IDS = frozenset(name for name in dir(dict) if not name.startswith("_"))
+"""Node ids that `outputs.<id>` could not reach in a template (Jinja2 finds the dict method first)."""
 SLUG_RULE = "use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or a digit"
 
 ENGINE_KEYS = ("agent", "map", "timeout", "retry", "on_error", "description")
@@ -491,6 +493,12 @@ def _build_nodes(
         path = f"nodes.{node_id}"
         if not SLUG.fullmatch(node_id):
             built.problems.append(Problem(path, f"{node_id!r} is not a valid node id: {SLUG_RULE}"))
+        elif node_id in RESERVED_IDS:
+            built.problems.append(
+                Problem(
+                    path, f"{node_id!r} cannot be a node id: `outputs.{node_id}` would name a method of dicts"
+                )
+            )
         if not isinstance(raw, dict):
             built.problems.append(
                 Problem(path, f"a node must be a mapping with at least `agent`, not {_kind(raw)}")

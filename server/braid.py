@@ -28,6 +28,8 @@ from server.store.base import Store
 
 log = logging.getLogger("braid")
 
+EXAMPLE_SUFFIXES = (".yaml", ".yml", ".json")
+
 
 @dataclass(slots=True)
 class Braid:
@@ -59,14 +61,20 @@ def _queue_and_bus(settings: Settings) -> tuple[RunQueue, EventBus]:
     return MemoryQueue(), MemoryBus()
 
 
+def _read_examples(folder: Path) -> list[tuple[Path, str]]:
+    paths = sorted(p for p in folder.iterdir() if p.suffix in EXAMPLE_SUFFIXES)
+    return [(p, p.read_text(encoding="utf-8")) for p in paths]
+
+
 async def load_examples(braid: Braid, folder: Path) -> list[str]:
     """Store each example graph of ``folder`` whose spec differs from its latest stored version."""
     from server.errors import NotFound
 
     loaded: list[str] = []
-    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml"), *folder.glob("*.json")]):
+    files = await anyio.to_thread.run_sync(_read_examples, folder)
+    for path, text in files:
         try:
-            spec = load_document(path.read_text(encoding="utf-8"), "application/yaml")
+            spec = load_document(text, "application/yaml")
             graph = build_graph(spec, braid.registry, braid.validation)
         except ValidationFailed as exc:
             log.error("example %s is invalid: %s", path, exc)

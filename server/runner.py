@@ -4,9 +4,11 @@ once their final state is persisted. Used in-process by ``braid serve`` (embedde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
+
 import anyio
 
 from agents.registry import Registry
@@ -46,7 +48,9 @@ class Publisher:
 class GraphCache:
     """Validated graphs by (name, version): a stored version never changes, so build it once."""
 
-    def __init__(self, store: Store, registry: Registry, validation: ValidationContext, size: int = 256) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, validation: ValidationContext, size: int = 256
+    ) -> None:
         self._store = store
         self._registry = registry
         self._validation = validation
@@ -67,7 +71,9 @@ class GraphCache:
         return graph
 
 
-async def finish_without_engine(publisher: Publisher, store: Store, run_id: str, status: RunStatus, error: str) -> None:
+async def finish_without_engine(
+    publisher: Publisher, store: Store, run_id: str, status: RunStatus, error: str
+) -> None:
     """End a run that the engine never got to (its graph is gone or invalid, it was cancelled while
     queued, it was delivered too often) with a ``workflow.finished`` event, so no client waits on a
     dead stream."""
@@ -136,10 +142,18 @@ class Runner:
 
     async def _execute_delivery(self, delivery: Delivery, limiter: anyio.Semaphore) -> None:
         try:
+            if delivery.deliveries > MAX_DELIVERIES:
+                reason = (
+                    f"run was delivered {delivery.deliveries} times without finishing "
+                    "(its workers keep dying); giving up"
+                )
+                await self._fail_undeliverable(delivery.run_id, reason)
+                await delivery.dead_letter(reason)
+                return
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat, delivery)
                 try:
-                    await self.execute(delivery.run_id, deliveries=delivery.deliveries)
+                    await self.execute(delivery.run_id)
                 finally:
                     tg.cancel_scope.cancel()
             await delivery.ack()
@@ -154,7 +168,7 @@ class Runner:
             await anyio.sleep(HEARTBEAT_SECONDS)
             await delivery.heartbeat()
 
-    async def execute(self, run_id: str, *, deliveries: int = 1) -> RunUpdate | None:
+    async def execute(self, run_id: str) -> RunUpdate | None:
         """Execute (or resume) one run to its end; None when there was nothing to do."""
         try:
             run = await self.store.get_run(run_id)
@@ -163,19 +177,12 @@ class Runner:
             return None
         if run.status.ended:
             return None
-        if deliveries > MAX_DELIVERIES:
-            await finish_without_engine(
-                self.publisher,
-                self.store,
-                run_id,
-                RunStatus.FAILED,
-                f"run was delivered {deliveries} times without finishing (its workers keep dying); giving up",
-            )
-            return None
         try:
             graph = await self.graphs.get(run.graph, run.version)
         except (NotFound, ValidationFailed) as exc:
-            await finish_without_engine(self.publisher, self.store, run_id, RunStatus.FAILED, f"cannot run: {exc}")
+            await finish_without_engine(
+                self.publisher, self.store, run_id, RunStatus.FAILED, f"cannot run: {exc}"
+            )
             return None
         state = await self.store.run_state(run_id)
         handle = RunHandle()
@@ -188,6 +195,10 @@ class Runner:
             return await self.engine.run(graph, info, self.publisher, state=state, handle=handle)
         finally:
             del self.handles[run_id]
+
+    async def _fail_undeliverable(self, run_id: str, reason: str) -> None:
+        with contextlib.suppress(NotFound):  # the run was deleted: nothing to fail
+            await finish_without_engine(self.publisher, self.store, run_id, RunStatus.FAILED, reason)
 
     def cancel_local(self, run_id: str) -> bool:
         """Cancel a run this process executes; False if it is not here."""

@@ -3,6 +3,7 @@ Braid process, whatever the deployment mode."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
@@ -59,15 +60,17 @@ class Runs:
         """Ask for the run to end ``cancelled``; ``Conflict`` if it already ended."""
         run = await self.store.get_run(run_id)
         if run.status.ended:
-            raise Conflict(f"run {run_id} already ended ({run.status}); only a queued or running run can be cancelled")
+            raise Conflict(
+                f"run {run_id} already ended ({run.status}); only a queued or running run can be cancelled"
+            )
         await self.queue.cancel(run_id)
         if run.status is RunStatus.QUEUED:
-            try:
-                await finish_without_engine(self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled by request")
-            except Exception:
-                # A worker started the run at the same moment (its workflow.started took the
-                # sequence number); the cancel message sent above reaches that worker.
-                pass
+            # Conflict: a worker started the run at this very moment (its workflow.started took
+            # the sequence number); the cancel message sent above reaches that worker.
+            with contextlib.suppress(Conflict):
+                await finish_without_engine(
+                    self.publisher, self.store, run_id, RunStatus.CANCELLED, "cancelled by request"
+                )
         return await self.store.get_run(run_id)
 
     async def wait(self, run_id: str, timeout: float) -> RunRecord:

@@ -8,7 +8,7 @@ context passed in is plain data only (dicts, lists, scalars).
 
 from __future__ import annotations
 
-import operator
+import operator as op
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,18 +39,17 @@ ALLOWED_FILTERS = frozenset(
 class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"**", "*"})
 
-    def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
-        if operator_ == "**":
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
             if isinstance(right, int | float) and abs(right) > MAX_POWER_EXPONENT:
                 raise ExpressionError(f"exponent {right} is too large (at most {MAX_POWER_EXPONENT})")
-            return operator.pow(left, right)
-        if operator_ == "*":
+            return op.pow(left, right)
+        if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(n, int):
-                    if len(seq) * n > MAX_REPEAT:
-                        raise ExpressionError(f"repetition too large (over {MAX_REPEAT} items)")
-            return operator.mul(left, right)
-        return super().call_binop(context, operator_, left, right)
+                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                    raise ExpressionError(f"repetition too large (over {MAX_REPEAT} items)")
+            return op.mul(left, right)
+        return super().call_binop(context, operator, left, right)
 
 
 def _environment() -> _Sandbox:

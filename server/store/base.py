@@ -70,7 +70,9 @@ class Store(Protocol):
         ...
 
     # graphs
-    async def create_graph(self, name: str, spec: dict[str, Any], description: str | None, nodes: int) -> GraphRecord:
+    async def create_graph(
+        self, name: str, spec: dict[str, Any], description: str | None, nodes: int
+    ) -> GraphRecord:
         """Store version 1 of a new graph; ``Conflict`` if the name exists."""
         ...
 

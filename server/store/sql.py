@@ -1,0 +1,609 @@
+"""The SQL store: SQLModel over SQLite (aiosqlite, the embedded default) or Postgres (asyncpg).
+
+Events are written with group commit: concurrent ``record`` calls are queued, and whichever caller
+finds no write in progress becomes the writer and commits everything queued in one transaction,
+while the others wait for their batch. Under load one transaction carries the events of many runs
+and nodes; a lone caller pays for one transaction as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+import zlib
+from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+from sqlalchemy import ColumnElement, Connection, bindparam, event, func, inspect, literal, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlmodel import SQLModel, col, delete, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from server.engine.records import NodeExecution, RunState, RunUpdate
+from server.errors import Conflict, NotFound, SetupError
+from server.events import Event, utcnow
+from server.status import EventType, NodeStatus, RunStatus
+from server.store.base import GraphRecord, GraphSummary, RunRecord
+from server.store.models import (
+    EVENTS,
+    NODES,
+    RUNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    WHOLE_NODE,
+    EventRow,
+    GraphRow,
+    NodeRow,
+    RunRow,
+    UTCDateTime,
+)
+
+#: What ``run_state`` hands a resumed run: executions that need not run again.
+RESUMABLE = (NodeStatus.SUCCEEDED, NodeStatus.FAILED, NodeStatus.SKIPPED)
+
+#: Postgres advisory lock key taken by every event transaction, so event ids (``gid``) become
+#: visible in commit order and a reader of the feed never skips an event committed late.
+FEED_LOCK = 0x62726169  # "brai"
+#: Taken while creating the tables, for processes that start at once on a new database.
+START_LOCK = 0x62726173
+#: The first of the two advisory lock keys ``put_graph`` takes (the second is the graph's name).
+GRAPH_LOCK = 0x62726167
+
+NODE_COLUMNS = ("status", "attempts", "output", "error", "started_at", "finished_at", "usage")
+
+
+class RunIds:
+    """Run ids: UUIDv7 strings, ordered by creation time and strictly increasing in a process."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def new(self) -> str:
+        value = (time.time_ns() // 1_000_000) << 74 | int.from_bytes(os.urandom(10), "big") >> 6
+        value = max(value, self._last + 1)
+        self._last = value
+        ms, rand_a, rand_b = value >> 74, (value >> 62) & 0xFFF, value & ((1 << 62) - 1)
+        return str(uuid.UUID(int=ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b))
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    event: Event
+    change: NodeExecution | RunUpdate | None
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    waiting: bool = False
+    done: bool = False
+    error: Exception | None = None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _set_sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class SqlStore:
+    """The ``Store`` on a SQL database, from a ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://`` URL."""
+
+    def __init__(self, url: str, *, batch_size: int = 512) -> None:
+        self.url = url
+        self._engine = create_async_engine(
+            url, json_serializer=_dumps, pool_pre_ping=not url.startswith("sqlite")
+        )
+        self._sqlite = self._engine.dialect.name == "sqlite"
+        if self._sqlite:
+            event.listen(self._engine.sync_engine, "connect", _set_sqlite_pragmas)
+        self._sessions = async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
+        self._ids = RunIds()
+        self._batch_size = batch_size
+        self._queue: list[_Pending] = []
+        self._writing = False
+        # SQLite has one writer at a time; taking turns in-process avoids "database is locked".
+        self._sqlite_lock = anyio.Lock()
+        # The statements of ``record``, built once (building an upsert costs more than running it).
+        self._feed_lock = select(func.pg_advisory_xact_lock(FEED_LOCK))
+        self._insert_events = EVENTS.insert().returning(EVENTS.c.gid, sort_by_parameter_order=True)
+        upsert = (sqlite_insert if self._sqlite else pg_insert)(NODES)
+        self._upsert_nodes = upsert.on_conflict_do_update(
+            index_elements=["run_id", "node", "iteration", "idx"],
+            set_={name: upsert.excluded[name] for name in NODE_COLUMNS},
+        )
+        self._set_last_seq = (
+            update(RUNS).where(RUNS.c.id == bindparam("b_id")).values(last_seq=bindparam("b_seq"))
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._engine.begin() as conn:
+            if not self._sqlite:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": START_LOCK})
+            found = await conn.run_sync(_schema_version)
+            if found is not None and found != SCHEMA_VERSION:
+                where = self._engine.url.render_as_string(hide_password=True)
+                holds = f"Braid schema version {found}" if found else "tables but no Braid schema version"
+                raise SetupError(
+                    f"the database at {where} holds {holds}, but this Braid needs schema version "
+                    f"{SCHEMA_VERSION}: "
+                    "use the Braid release that matches the database, or point BRAID_DATABASE_URL at "
+                    "a new database (for SQLite, a new file) and load your graphs again"
+                )
+            await conn.run_sync(SQLModel.metadata.create_all)
+            if found is None:
+                await conn.execute(SCHEMA.insert().values(id=1, version=SCHEMA_VERSION))
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def ping(self) -> bool:
+        try:
+            with anyio.move_on_after(5):
+                async with self._engine.connect() as conn:
+                    return (await conn.execute(text("SELECT 1"))).scalar() == 1
+        except Exception:
+            return False
+        return False
+
+    # --- graphs ---------------------------------------------------------------------------------
+
+    async def create_graph(
+        self, name: str, spec: dict[str, Any], description: str | None, nodes: int
+    ) -> GraphRecord:
+        row = GraphRow(
+            name=name, version=1, spec=spec, description=description, nodes=nodes, created_at=utcnow()
+        )
+        try:
+            async with self._write() as session:
+                session.add(row)
+        except IntegrityError:
+            raise Conflict(
+                f"graph {name!r} already exists: PUT /graphs/{name} stores a new version"
+            ) from None
+        return _graph(row)
+
+    async def put_graph(
+        self, name: str, spec: dict[str, Any], description: str | None, nodes: int
+    ) -> tuple[GraphRecord, bool]:
+        for attempt in range(5):
+            try:
+                async with self._write() as session:
+                    if not self._sqlite:
+                        # Writers of one graph take turns, so they never race for a version number.
+                        key = zlib.crc32(name.encode()) - (1 << 31)
+                        await session.exec(select(func.pg_advisory_xact_lock(GRAPH_LOCK, key)))
+                    latest = (
+                        await session.exec(select(func.max(GraphRow.version)).where(GraphRow.name == name))
+                    ).one()
+                    row = GraphRow(
+                        name=name,
+                        version=(latest or 0) + 1,
+                        spec=spec,
+                        description=description,
+                        nodes=nodes,
+                        created_at=utcnow(),
+                    )
+                    session.add(row)
+                return _graph(row), row.version == 1
+            except IntegrityError:
+                # ``create_graph`` took version 1 meanwhile: read the new maximum again.
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def get_graph(self, name: str, version: int | None = None) -> GraphRecord:
+        query = select(GraphRow).where(GraphRow.name == name)
+        if version is None:
+            query = query.order_by(col(GraphRow.version).desc()).limit(1)
+        else:
+            query = query.where(GraphRow.version == version)
+        async with self._sessions() as session:
+            row = (await session.exec(query)).first()
+            if row is None and version is not None:
+                exists = (
+                    await session.exec(select(GraphRow.version).where(GraphRow.name == name).limit(1))
+                ).first()
+                if exists is not None:
+                    raise NotFound(f"graph {name!r} has no version {version}")
+        if row is None:
+            raise NotFound(f"graph {name!r} not found")
+        return _graph(row)
+
+    async def graph_versions(self, name: str) -> list[GraphRecord]:
+        query = select(GraphRow).where(GraphRow.name == name).order_by(col(GraphRow.version).desc())
+        async with self._sessions() as session:
+            rows = (await session.exec(query)).all()
+        if not rows:
+            raise NotFound(f"graph {name!r} not found")
+        return [_graph(row) for row in rows]
+
+    async def list_graphs(self) -> list[GraphSummary]:
+        latest = (
+            select(GraphRow.name, func.max(GraphRow.version).label("version"))
+            .group_by(col(GraphRow.name))
+            .subquery()
+        )
+        graphs = (
+            select(GraphRow)
+            .join(latest, (col(GraphRow.name) == latest.c.name) & (col(GraphRow.version) == latest.c.version))
+            .order_by(col(GraphRow.name))
+        )
+        async with self._sessions() as session:
+            rows = (await session.exec(graphs)).all()
+            names = [row.name for row in rows]
+            last_ids = (
+                select(func.max(RunRow.id)).where(col(RunRow.graph).in_(names)).group_by(col(RunRow.graph))
+            ).scalar_subquery()
+            runs = (
+                (await session.exec(select(RunRow).where(col(RunRow.id).in_(last_ids)))).all()
+                if names
+                else []
+            )
+        last = {run.graph: _run(run) for run in runs}
+        return [
+            GraphSummary(
+                name=row.name,
+                version=row.version,
+                description=row.description,
+                nodes=row.nodes,
+                created_at=row.created_at,
+                last_run=last.get(row.name),
+            )
+            for row in rows
+        ]
+
+    async def delete_graph(self, name: str) -> None:
+        async with self._write() as session:
+            deleted = (
+                await session.exec(
+                    delete(GraphRow).where(col(GraphRow.name) == name).returning(col(GraphRow.version))
+                )
+            ).all()
+        if not deleted:
+            raise NotFound(f"graph {name!r} not found")
+
+    # --- runs -----------------------------------------------------------------------------------
+
+    async def create_run(
+        self, graph: str, version: int, input: Any, idempotency_key: str | None = None
+    ) -> tuple[RunRecord, bool]:
+        row = RunRow(
+            id=self._ids.new(),
+            graph=graph,
+            version=version,
+            status=RunStatus.QUEUED,
+            input=input,
+            created_at=utcnow(),
+            idempotency_key=idempotency_key,
+        )
+        try:
+            async with self._write() as session:
+                session.add(row)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            query = select(RunRow).where(RunRow.graph == graph, RunRow.idempotency_key == idempotency_key)
+            async with self._sessions() as session:
+                existing = (await session.exec(query)).first()
+            if existing is None:
+                raise
+            return _run(existing), False
+        return _run(row), True
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        async with self._sessions() as session:
+            row = await session.get(RunRow, run_id)
+        if row is None:
+            raise NotFound(f"run {run_id!r} not found")
+        return _run(row)
+
+    async def list_runs(
+        self,
+        graph: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        query = select(RunRow)
+        if graph is not None:
+            query = query.where(RunRow.graph == graph)
+        if status is not None:
+            query = query.where(RunRow.status == str(status))
+        if before is not None:
+            query = query.where(col(RunRow.id) < before)
+        query = query.order_by(col(RunRow.id).desc()).limit(limit + 1)
+        async with self._sessions() as session:
+            rows = (await session.exec(query)).all()
+        runs = [_run(row) for row in rows[:limit]]
+        return runs, (runs[-1].id if len(rows) > limit and runs else None)
+
+    async def runs_with_status(self, *statuses: RunStatus) -> list[RunRecord]:
+        query = (
+            select(RunRow).where(col(RunRow.status).in_([str(s) for s in statuses])).order_by(col(RunRow.id))
+        )
+        async with self._sessions() as session:
+            return [_run(row) for row in (await session.exec(query)).all()]
+
+    async def node_executions(self, run_id: str) -> list[NodeExecution]:
+        query = (
+            select(NodeRow)
+            .where(NodeRow.run_id == run_id)
+            .order_by(col(NodeRow.started_at).is_(None), col(NodeRow.started_at), col(NodeRow.id))
+        )
+        async with self._sessions() as session:
+            return [_execution(row) for row in (await session.exec(query)).all()]
+
+    async def run_state(self, run_id: str) -> RunState:
+        ended = (
+            select(NodeRow)
+            .where(NodeRow.run_id == run_id, col(NodeRow.status).in_([str(s) for s in RESUMABLE]))
+            .order_by(col(NodeRow.started_at).is_(None), col(NodeRow.started_at), col(NodeRow.id))
+        )
+        started = select(EventRow.gid).where(
+            EventRow.run_id == run_id, EventRow.type == str(EventType.WORKFLOW_STARTED)
+        )
+        async with self._sessions() as session:
+            last_seq = (await session.exec(select(RunRow.last_seq).where(RunRow.id == run_id))).first()
+            if last_seq is None:
+                raise NotFound(f"run {run_id!r} not found")
+            has_started = (await session.exec(started.limit(1))).first() is not None
+            executions = [_execution(row) for row in (await session.exec(ended)).all()]
+        return RunState(last_seq=last_seq, started=has_started, executions=executions)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
+        item = _Pending(event, change)
+        self._queue.append(item)
+        while not item.done:
+            if not self._writing:
+                await self._drain(item)
+                continue
+            item.wake = anyio.Event()
+            item.waiting = True
+            try:
+                await item.wake.wait()
+            except BaseException:
+                # Cancelled while queued: the event is still written (the run's sequence stays
+                # gapless), but if this caller was just made the writer, someone must write.
+                item.waiting = False
+                if not item.done and not self._writing:
+                    await self._drain(item)
+                raise
+            item.waiting = False
+        if item.error is not None:
+            raise item.error
+
+    async def _drain(self, own: _Pending) -> None:
+        """Commit queued events batch by batch until ``own`` is written, then hand over."""
+        self._writing = True
+        try:
+            with anyio.CancelScope(shield=True):
+                # Let callers that are ready to record join this first batch.
+                await anyio.lowlevel.checkpoint()
+                while self._queue:
+                    batch = self._queue[: self._batch_size]
+                    del self._queue[: self._batch_size]
+                    await self._write_batch(batch)
+                    if own.done:
+                        successor = next((p for p in self._queue if p.waiting), None)
+                        if successor is not None:
+                            successor.wake.set()
+                            break
+        finally:
+            self._writing = False
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        try:
+            await self._commit(batch)
+        except Exception as exc:
+            if len(batch) == 1 or not _bad_data(exc):
+                for item in batch:
+                    item.error = _conflict(item, exc)
+            else:
+                # Find the culprit: one bad event must not fail the other runs' events.
+                for item in batch:
+                    try:
+                        await self._commit([item])
+                    except Exception as item_exc:
+                        item.error = _conflict(item, item_exc)
+        for item in batch:
+            item.done = True
+            item.wake.set()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        events = [item.event for item in batch]
+        nodes: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+        runs: dict[str, dict[str, Any]] = {}
+        for item in batch:
+            run_id, change = item.event.run_id, item.change
+            values = runs.setdefault(run_id, {})
+            values["last_seq"] = max(item.event.seq, values.get("last_seq", 0))
+            if isinstance(change, NodeExecution):
+                idx = WHOLE_NODE if change.index is None else change.index
+                nodes[(run_id, change.node, change.iteration, idx)] = {
+                    "run_id": run_id,
+                    "node": change.node,
+                    "iteration": change.iteration,
+                    "idx": idx,
+                    "status": str(change.status),
+                    "attempts": change.attempts,
+                    "output": change.output,
+                    "error": change.error,
+                    "started_at": change.started_at,
+                    "finished_at": change.finished_at,
+                    "usage": change.usage,
+                }
+            elif isinstance(change, RunUpdate):
+                values.update(_run_update(change))
+
+        lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
+        async with lock, self._engine.begin() as conn:
+            if not self._sqlite:
+                await conn.execute(self._feed_lock)
+            inserted = await conn.execute(
+                self._insert_events,
+                [
+                    {
+                        "run_id": e.run_id,
+                        "seq": e.seq,
+                        "type": str(e.type),
+                        "graph": e.graph,
+                        "at": e.at,
+                        "data": e.data,
+                    }
+                    for e in events
+                ],
+            )
+            gids = [int(gid) for gid in inserted.scalars().all()]
+            if nodes:
+                await conn.execute(self._upsert_nodes, list(nodes.values()))
+            seq_only = [{"b_id": run_id, "b_seq": v["last_seq"]} for run_id, v in runs.items() if len(v) == 1]
+            if seq_only:
+                await conn.execute(self._set_last_seq, seq_only)
+            for run_id, values in runs.items():
+                if len(values) > 1:
+                    await conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
+        for e, gid in zip(events, gids, strict=True):
+            e.gid = gid
+
+    async def events(self, run_id: str, after: int = 0, limit: int | None = None) -> list[Event]:
+        query = (
+            select(EventRow)
+            .where(EventRow.run_id == run_id, col(EventRow.seq) > after)
+            .order_by(col(EventRow.seq))
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        async with self._sessions() as session:
+            return [_event(row) for row in (await session.exec(query)).all()]
+
+    async def feed(
+        self, after: int = 0, limit: int = 500, graph: str | None = None, deltas: bool = False
+    ) -> list[Event]:
+        query = select(EventRow).where(col(EventRow.gid) > after)
+        if not deltas:
+            query = query.where(EventRow.type != str(EventType.NODE_DELTA))
+        if graph is not None:
+            query = query.where(EventRow.graph == graph)
+        query = query.order_by(col(EventRow.gid)).limit(limit)
+        async with self._sessions() as session:
+            return [_event(row) for row in (await session.exec(query)).all()]
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncGenerator[AsyncSession, None]:
+        """A write transaction, committed on exit."""
+        lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
+        async with lock, self._sessions() as session, session.begin():
+            yield session
+
+
+def _conflict(item: _Pending, exc: Exception) -> Exception:
+    """A duplicate event (another writer took its sequence number) is a ``Conflict``."""
+    if isinstance(exc, IntegrityError):
+        event = item.event
+        return Conflict(f"event {event.seq} of run {event.run_id} was already recorded by another writer")
+    return exc
+
+
+def _bad_data(exc: Exception) -> bool:
+    """The error is about the statement's data (a duplicate, an unknown run), not the database."""
+    if isinstance(exc, IntegrityError | DataError):
+        return True
+    return isinstance(exc, StatementError | TypeError | ValueError) and not isinstance(exc, DBAPIError)
+
+
+def _schema_version(conn: Connection) -> int | None:
+    """The schema version the database holds (None for a new database)."""
+    inspector = inspect(conn)
+    if not inspector.has_table(SCHEMA.name):
+        if any(inspector.has_table(name) for name in ("runs", "events", "graphs")):
+            return 0
+        return None
+    version = conn.execute(select(SCHEMA.c.version).where(SCHEMA.c.id == 1)).scalar()
+    return None if version is None else int(version)
+
+
+def _run_update(change: RunUpdate) -> dict[str, Any]:
+    values: dict[str, Any] = {"status": str(change.status)}
+    at: ColumnElement[Any] = literal(change.at, UTCDateTime())
+    if change.status is RunStatus.RUNNING:
+        values["started_at"] = func.coalesce(RUNS.c.started_at, at)
+    elif change.status.ended:
+        values.update(finished_at=at, output=change.output, error=change.error, usage=dict(change.usage))
+    return values
+
+
+def _graph(row: GraphRow) -> GraphRecord:
+    return GraphRecord(
+        name=row.name,
+        version=row.version,
+        spec=row.spec,
+        description=row.description,
+        created_at=row.created_at,
+        nodes=row.nodes,
+    )
+
+
+def _run(row: RunRow) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        graph=row.graph,
+        version=row.version,
+        status=RunStatus(row.status),
+        input=row.input,
+        created_at=row.created_at,
+        output=row.output,
+        error=row.error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        usage=dict(row.usage or {}),
+        idempotency_key=row.idempotency_key,
+        last_seq=row.last_seq,
+    )
+
+
+def _execution(row: NodeRow) -> NodeExecution:
+    return NodeExecution(
+        node=row.node,
+        iteration=row.iteration,
+        index=None if row.idx == WHOLE_NODE else row.idx,
+        status=NodeStatus(row.status),
+        attempts=row.attempts,
+        output=row.output,
+        error=row.error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        usage=row.usage,
+    )
+
+
+def _event(row: EventRow) -> Event:
+    return Event(
+        run_id=row.run_id,
+        seq=row.seq,
+        type=EventType(row.type),
+        graph=row.graph,
+        data=row.data,
+        at=row.at,
+        gid=row.gid,
+    )

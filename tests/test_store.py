@@ -1,0 +1,530 @@
+"""The store's contract, run against SQLite (a file) and a real Postgres (a fresh database)."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from sqlalchemy import event as sa_event
+
+from server.engine.records import NodeExecution, RunUpdate
+from server.errors import Conflict, NotFound, SetupError
+from server.events import Event
+from server.status import EventType, NodeStatus, RunStatus
+from server.store.models import SCHEMA_VERSION
+from server.store.sql import SqlStore
+from tests.services import require_postgres
+
+pytestmark = pytest.mark.anyio
+
+SPEC: dict[str, Any] = {"name": "brief", "nodes": {"a": {"agent": "template", "value": "1"}}}
+T0 = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _plain(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(_plain(url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def _admin_now(url: str, *statements: str) -> None:
+    """``_admin`` from sync code that may run inside the test's event loop (session fixtures)."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, _admin, url, *statements).result()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh database for this test session, dropped at the end (other suites share the server)."""
+    url = require_postgres()
+    server, _ = url.rsplit("/", 1)
+    name = f"braid_test_{secrets.token_hex(6)}"
+    _admin_now(f"{server}/postgres", f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server}/{name}"
+    finally:
+        _admin_now(f"{server}/postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'braid.db'}"
+    url: str = request.getfixturevalue("postgres_database")
+    await _admin(url, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
+    return url
+
+
+Opener = Callable[..., Awaitable[SqlStore]]
+
+
+@pytest.fixture
+async def open_store(database_url: str) -> AsyncIterator[Opener]:
+    """Opens (starts) stores on the test's database, and closes them all at the end."""
+    stores: list[SqlStore] = []
+
+    async def open_store(**options: Any) -> SqlStore:
+        store = SqlStore(database_url, **options)
+        stores.append(store)
+        await store.start()
+        return store
+
+    try:
+        yield open_store
+    finally:
+        for store in stores:
+            await store.close()
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> SqlStore:
+    return await open_store()
+
+
+def node_event(run_id: str, seq: int, type: EventType, node: str, graph: str = "brief", **data: Any) -> Event:
+    return Event(run_id=run_id, seq=seq, type=type, graph=graph, data={"node": node, **data}, at=T0)
+
+
+# --- graphs ---------------------------------------------------------------------------------------
+
+
+async def test_create_graph_then_conflict(store: SqlStore) -> None:
+    record = await store.create_graph("brief", SPEC, "a brief", 1)
+    assert (record.name, record.version, record.spec, record.description, record.nodes) == (
+        "brief",
+        1,
+        SPEC,
+        "a brief",
+        1,
+    )
+    assert record.created_at.tzinfo is not None
+    with pytest.raises(Conflict, match="brief"):
+        await store.create_graph("brief", SPEC, None, 1)
+
+
+async def test_put_graph_stores_versions(store: SqlStore) -> None:
+    first, created = await store.put_graph("brief", SPEC, "v1", 1)
+    assert (first.version, created) == (1, True)
+    spec2 = {**SPEC, "description": "second"}
+    second, created = await store.put_graph("brief", spec2, "v2", 2)
+    assert (second.version, created) == (2, False)
+
+    latest = await store.get_graph("brief")
+    assert (latest.version, latest.spec, latest.description, latest.nodes) == (2, spec2, "v2", 2)
+    assert (await store.get_graph("brief", 1)).spec == SPEC
+    assert [g.version for g in await store.graph_versions("brief")] == [2, 1]
+
+    with pytest.raises(NotFound, match=r"'brief' has no version 7"):
+        await store.get_graph("brief", 7)
+    with pytest.raises(NotFound, match="'nope'"):
+        await store.get_graph("nope")
+    with pytest.raises(NotFound, match="'nope'"):
+        await store.graph_versions("nope")
+
+
+async def test_concurrent_put_graph_never_reuses_a_version(store: SqlStore) -> None:
+    versions: list[int] = []
+
+    async def put(i: int) -> None:
+        record, _ = await store.put_graph("brief", {**SPEC, "i": i}, None, 1)
+        versions.append(record.version)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(put, i)
+    assert sorted(versions) == list(range(1, 9))
+    assert len(await store.graph_versions("brief")) == 8
+
+
+async def test_list_graphs_with_last_run_and_delete_keeps_runs(store: SqlStore) -> None:
+    await store.put_graph("zeta", SPEC, "z", 1)
+    await store.put_graph("alpha", SPEC, "a1", 1)
+    await store.put_graph("alpha", SPEC, "a2", 3)
+    await store.create_run("alpha", 1, {"n": 1})
+    newest, _ = await store.create_run("alpha", 2, {"n": 2})
+
+    summaries = await store.list_graphs()
+    assert [(s.name, s.version, s.description, s.nodes) for s in summaries] == [
+        ("alpha", 2, "a2", 3),
+        ("zeta", 1, "z", 1),
+    ]
+    assert summaries[0].last_run is not None
+    assert summaries[0].last_run.id == newest.id
+    assert summaries[1].last_run is None
+
+    await store.delete_graph("alpha")
+    assert [s.name for s in await store.list_graphs()] == ["zeta"]
+    with pytest.raises(NotFound):
+        await store.get_graph("alpha")
+    assert (await store.get_run(newest.id)).graph == "alpha"
+    with pytest.raises(NotFound, match="'alpha'"):
+        await store.delete_graph("alpha")
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+async def test_create_run_is_idempotent_per_graph(store: SqlStore) -> None:
+    run, created = await store.create_run("brief", 1, {"topic": "x"}, idempotency_key="k1")
+    assert created
+    assert (run.status, run.input, run.idempotency_key, run.last_seq) == (
+        RunStatus.QUEUED,
+        {"topic": "x"},
+        "k1",
+        0,
+    )
+    assert run.created_at.tzinfo is not None
+
+    again, created = await store.create_run("brief", 1, {"topic": "other"}, idempotency_key="k1")
+    assert (again.id, again.input, created) == (run.id, {"topic": "x"}, False)
+
+    elsewhere, created = await store.create_run("other", 1, {}, idempotency_key="k1")
+    assert created
+    assert elsewhere.id != run.id
+
+    no_key_1, _ = await store.create_run("brief", 1, None)
+    no_key_2, _ = await store.create_run("brief", 1, None)
+    assert no_key_1.id != no_key_2.id
+    assert (await store.get_run(run.id)).input == {"topic": "x"}
+    with pytest.raises(NotFound, match="'missing'"):
+        await store.get_run("missing")
+
+
+async def test_concurrent_create_run_with_one_key_makes_one_run(store: SqlStore) -> None:
+    results: list[tuple[str, bool]] = []
+
+    async def create() -> None:
+        run, created = await store.create_run("brief", 1, {}, idempotency_key="same")
+        results.append((run.id, created))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(create)
+    assert len({run_id for run_id, _ in results}) == 1
+    assert [created for _, created in results].count(True) == 1
+    runs, _ = await store.list_runs()
+    assert len(runs) == 1
+
+
+async def test_list_runs_pages_newest_first_with_filters(store: SqlStore) -> None:
+    ids = [(await store.create_run("a" if i % 2 else "b", 1, {"i": i}))[0].id for i in range(7)]
+    assert ids == sorted(ids), "run ids are time-ordered"
+
+    page, cursor = await store.list_runs(limit=3)
+    assert [r.id for r in page] == ids[::-1][:3]
+    assert cursor is not None
+    page, cursor = await store.list_runs(limit=3, before=cursor)
+    assert [r.id for r in page] == ids[::-1][3:6]
+    page, cursor = await store.list_runs(limit=3, before=cursor)
+    assert ([r.id for r in page], cursor) == ([ids[0]], None)
+
+    only_a, cursor = await store.list_runs(graph="a")
+    assert ([r.id for r in only_a], cursor) == ([ids[5], ids[3], ids[1]], None)
+
+    await store.record(
+        Event(run_id=ids[2], seq=1, type=EventType.WORKFLOW_STARTED, graph="b"),
+        RunUpdate(status=RunStatus.RUNNING, at=T0),
+    )
+    running, _ = await store.list_runs(status=RunStatus.RUNNING)
+    assert [r.id for r in running] == [ids[2]]
+    assert await store.list_runs(graph="a", status=RunStatus.RUNNING) == ([], None)
+    queued = await store.runs_with_status(RunStatus.QUEUED)
+    assert [r.id for r in queued] == [i for i in ids if i != ids[2]]
+    both = await store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING)
+    assert [r.id for r in both] == ids
+
+
+# --- recording ------------------------------------------------------------------------------------
+
+
+async def record_a_run(store: SqlStore, run_id: str) -> None:
+    """A run: start, node a (map of 2 items, a retry), node b skipped, then succeed."""
+    t = [T0 + timedelta(seconds=i) for i in range(10)]
+    started = Event(
+        run_id=run_id, seq=1, type=EventType.WORKFLOW_STARTED, graph="brief", data={"version": 1}, at=t[0]
+    )
+    await store.record(started, RunUpdate(status=RunStatus.RUNNING, at=t[0]))
+    whole = NodeExecution(node="a", status=NodeStatus.RUNNING, attempts=1, started_at=t[1])
+    await store.record(node_event(run_id, 2, EventType.NODE_STARTED, "a", attempt=1, iteration=0), whole)
+    item0 = NodeExecution(node="a", index=0, status=NodeStatus.RUNNING, attempts=1, started_at=t[2])
+    await store.record(node_event(run_id, 3, EventType.NODE_STARTED, "a", attempt=1, index=0), item0)
+    await store.record(node_event(run_id, 4, EventType.NODE_DELTA, "a", delta="hel"))
+    item0.status, item0.attempts, item0.error = NodeStatus.RETRYING, 2, "timeout"
+    await store.record(node_event(run_id, 5, EventType.NODE_RETRYING, "a", attempt=2, error="timeout"), item0)
+    item0.status, item0.output, item0.error, item0.finished_at = NodeStatus.SUCCEEDED, "x", None, t[4]
+    item0.usage = {"total_tokens": 3}
+    await store.record(node_event(run_id, 6, EventType.NODE_COMPLETED, "a", output="x"), item0)
+    pending = NodeExecution(node="c", status=NodeStatus.PENDING)
+    await store.record(node_event(run_id, 7, EventType.NODE_STARTED, "c"), pending)
+    whole.status, whole.output, whole.finished_at = NodeStatus.SUCCEEDED, ["x"], t[5]
+    whole.usage = {"total_tokens": 3}
+    await store.record(node_event(run_id, 8, EventType.NODE_COMPLETED, "a", output=["x"]), whole)
+    skipped = NodeExecution(node="b", status=NodeStatus.SKIPPED, started_at=t[6], finished_at=t[6])
+    await store.record(node_event(run_id, 9, EventType.NODE_SKIPPED, "b"), skipped)
+
+
+async def test_record_keeps_run_and_node_state(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, {"topic": "x"})
+    await record_a_run(store, run.id)
+
+    mid = await store.get_run(run.id)
+    assert (mid.status, mid.started_at, mid.finished_at, mid.last_seq) == (RunStatus.RUNNING, T0, None, 9)
+
+    state = await store.run_state(run.id)
+    assert state.last_seq == 9
+    assert state.started
+    assert [(e.node, e.index, e.status) for e in state.executions] == [
+        ("a", None, NodeStatus.SUCCEEDED),
+        ("a", 0, NodeStatus.SUCCEEDED),
+        ("b", None, NodeStatus.SKIPPED),
+    ]
+
+    end = T0 + timedelta(seconds=9)
+    finished = Event(run_id=run.id, seq=10, type=EventType.WORKFLOW_FINISHED, graph="brief", at=end)
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    await store.record(
+        finished, RunUpdate(status=RunStatus.SUCCEEDED, at=end, output={"text": "x"}, usage=usage)
+    )
+    done = await store.get_run(run.id)
+    assert (done.status, done.output, done.error, done.usage, done.last_seq) == (
+        RunStatus.SUCCEEDED,
+        {"text": "x"},
+        None,
+        usage,
+        10,
+    )
+    assert (done.started_at, done.finished_at, done.duration_ms) == (T0, end, 9000)
+
+    nodes = await store.node_executions(run.id)
+    assert [(n.node, n.index, n.status, n.attempts) for n in nodes] == [
+        ("a", None, NodeStatus.SUCCEEDED, 1),
+        ("a", 0, NodeStatus.SUCCEEDED, 2),
+        ("b", None, NodeStatus.SKIPPED, 0),
+        ("c", None, NodeStatus.PENDING, 0),
+    ]
+    item = nodes[1]
+    assert (item.output, item.error, item.usage, item.duration_ms) == ("x", None, {"total_tokens": 3}, 2000)
+    assert nodes[0].output == ["x"]
+
+
+async def test_run_state_of_a_new_run_and_a_missing_one(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+    state = await store.run_state(run.id)
+    assert (state.last_seq, state.started, state.executions) == (0, False, [])
+    with pytest.raises(NotFound):
+        await store.run_state("missing")
+
+
+async def test_failed_run_keeps_error_and_cancelled_queued_run_has_no_start(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+    await store.record(
+        Event(run_id=run.id, seq=1, type=EventType.WORKFLOW_FINISHED, graph="brief", at=T0),
+        RunUpdate(status=RunStatus.CANCELLED, at=T0, error="cancelled by request"),
+    )
+    got = await store.get_run(run.id)
+    assert (got.status, got.error, got.started_at, got.finished_at, got.duration_ms) == (
+        RunStatus.CANCELLED,
+        "cancelled by request",
+        None,
+        T0,
+        None,
+    )
+
+
+async def test_events_after_returns_exactly_the_rest(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+    await record_a_run(store, run.id)
+    events = await store.events(run.id)
+    assert [e.seq for e in events] == list(range(1, 10))
+    assert events[3].type is EventType.NODE_DELTA
+    assert events[3].data == {"node": "a", "delta": "hel"}
+    assert events[0].data == {"version": 1}
+    assert all(e.gid is not None for e in events)
+    assert [e.seq for e in await store.events(run.id, after=6)] == [7, 8, 9]
+    assert [e.seq for e in await store.events(run.id, after=2, limit=2)] == [3, 4]
+    assert await store.events(run.id, after=9) == []
+
+
+async def test_feed_orders_all_runs_by_gid_and_filters(store: SqlStore) -> None:
+    one, _ = await store.create_run("brief", 1, None)
+    two, _ = await store.create_run("other", 1, None)
+    recorded: list[Event] = []
+    for seq in (1, 2, 3):
+        for run, graph in ((one, "brief"), (two, "other")):
+            kind = EventType.NODE_DELTA if seq == 2 else EventType.NODE_STARTED
+            event = node_event(run.id, seq, kind, "a", graph=graph)
+            await store.record(event)
+            recorded.append(event)
+    assert all(e.gid is not None for e in recorded)
+    gids = [e.gid or 0 for e in recorded]
+    assert gids == sorted(gids)
+
+    lifecycle = [e for e in recorded if e.type is not EventType.NODE_DELTA]
+    feed = await store.feed()
+    assert [(e.run_id, e.seq, e.gid) for e in feed] == [(e.run_id, e.seq, e.gid) for e in lifecycle]
+    everything = await store.feed(deltas=True)
+    assert [e.gid for e in everything] == gids
+    assert [e.gid for e in await store.feed(after=gids[2], deltas=True)] == gids[3:]
+    assert [e.gid for e in await store.feed(limit=2, deltas=True)] == gids[:2]
+    assert [(e.run_id, e.seq) for e in await store.feed(graph="other")] == [(two.id, 1), (two.id, 3)]
+
+
+@pytest.mark.parametrize("batch_size", [512, 3])
+async def test_concurrent_records_are_group_committed(open_store: Opener, batch_size: int) -> None:
+    store = await open_store(batch_size=batch_size)
+    runs = [(await store.create_run("brief", 1, None))[0].id for _ in range(20)]
+    commits = 0
+
+    def count(_conn: object) -> None:
+        nonlocal commits
+        commits += 1
+
+    sa_event.listen(store._engine.sync_engine, "commit", count)
+
+    async def one_run(run_id: str) -> None:
+        for seq in range(1, 11):
+            await store.record(
+                node_event(run_id, seq, EventType.NODE_COMPLETED, f"n{seq}"),
+                NodeExecution(node=f"n{seq}", status=NodeStatus.SUCCEEDED, output=seq),
+            )
+
+    async with anyio.create_task_group() as tg:
+        for run_id in runs:
+            tg.start_soon(one_run, run_id)
+
+    if batch_size > 200:
+        assert commits < 200 / 2, f"{commits} transactions for 200 events: not batched"
+    for run_id in runs:
+        events = await store.events(run_id)
+        assert [e.seq for e in events] == list(range(1, 11))
+        gids = [e.gid or 0 for e in events]
+        assert gids == sorted(gids)
+        assert (await store.get_run(run_id)).last_seq == 10
+        assert [n.output for n in await store.node_executions(run_id)] == list(range(1, 11))
+    assert len(await store.feed(limit=1000)) == 200
+
+
+async def test_a_failing_event_fails_only_its_caller(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+    outcomes: dict[str, str] = {}
+
+    async def record(name: str, event: Event) -> None:
+        try:
+            await store.record(event)
+            outcomes[name] = "ok"
+        except Exception:
+            outcomes[name] = "error"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(record, "good-1", node_event(run.id, 1, EventType.NODE_STARTED, "a"))
+        tg.start_soon(record, "no-such-run", node_event("missing", 1, EventType.NODE_STARTED, "a"))
+        tg.start_soon(record, "good-2", node_event(run.id, 2, EventType.NODE_STARTED, "a"))
+        tg.start_soon(record, "duplicate", node_event(run.id, 2, EventType.NODE_STARTED, "a"))
+
+    assert outcomes == {"good-1": "ok", "no-such-run": "error", "good-2": "ok", "duplicate": "error"}
+    await store.record(node_event(run.id, 3, EventType.NODE_STARTED, "a"))
+    assert [e.seq for e in await store.events(run.id)] == [1, 2, 3]
+
+
+async def test_cancelled_callers_events_are_still_written(open_store: Opener) -> None:
+    # Small batches, so most callers are still queued (not yet in a transaction) when cancelled.
+    store = await open_store(batch_size=4)
+    run, _ = await store.create_run("brief", 1, None)
+    entered = 0
+    all_entered = anyio.Event()
+
+    async def record(seq: int) -> None:
+        nonlocal entered
+        entered += 1
+        if entered == 30:
+            all_entered.set()
+        await store.record(node_event(run.id, seq, EventType.NODE_STARTED, "a"))
+
+    async with anyio.create_task_group() as tg:
+        for seq in range(1, 31):
+            tg.start_soon(record, seq)
+        await all_entered.wait()
+        tg.cancel_scope.cancel()
+
+    await store.record(node_event(run.id, 31, EventType.NODE_STARTED, "a"))
+    assert [e.seq for e in await store.events(run.id)] == list(range(1, 32))
+    assert (await store.get_run(run.id)).last_seq == 31
+
+
+async def test_timestamps_round_trip_as_aware_utc(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+    tokyo = datetime(2025, 6, 1, 9, 0, 0, 250000, tzinfo=timezone(timedelta(hours=9)))
+    await store.record(
+        Event(run_id=run.id, seq=1, type=EventType.WORKFLOW_STARTED, graph="brief", at=tokyo),
+        RunUpdate(status=RunStatus.RUNNING, at=tokyo),
+    )
+    got = await store.get_run(run.id)
+    assert got.started_at == tokyo
+    assert got.started_at is not None
+    assert got.started_at.utcoffset() == timedelta(0)
+    (event,) = await store.events(run.id)
+    assert (event.at, event.at.utcoffset()) == (tokyo, timedelta(0))
+
+
+async def test_reopened_store_sees_everything(open_store: Opener) -> None:
+    first = await open_store()
+    await first.create_graph("brief", SPEC, None, 1)
+    run, _ = await first.create_run("brief", 1, {"topic": "x"}, idempotency_key="k")
+    await record_a_run(first, run.id)
+    await first.close()
+
+    second = await open_store()
+    assert (await second.get_graph("brief")).spec == SPEC
+    assert (await second.get_run(run.id)).last_seq == 9
+    assert len(await second.events(run.id)) == 9
+    assert len(await second.node_executions(run.id)) == 4
+    again, created = await second.create_run("brief", 1, {}, idempotency_key="k")
+    assert (again.id, created) == (run.id, False)
+    newer, _ = await second.create_run("brief", 1, {})
+    assert newer.id > run.id
+
+
+async def test_schema_version_mismatch_says_what_to_do(open_store: Opener, database_url: str) -> None:
+    store = await open_store()
+    await store.create_graph("brief", SPEC, None, 1)
+    await store.close()
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.split("///", 1)[1]) as conn:
+            conn.execute("UPDATE schema_version SET version = 999")
+    else:
+        await _admin(database_url, "UPDATE schema_version SET version = 999")
+
+    with pytest.raises(
+        SetupError, match=rf"version 999.*needs schema version {SCHEMA_VERSION}.*BRAID_DATABASE_URL"
+    ):
+        await open_store()
+
+
+async def test_ping(store: SqlStore) -> None:
+    assert await store.ping()
+
+
+async def test_ping_is_false_when_the_database_is_unreachable() -> None:
+    store = SqlStore("postgresql+asyncpg://postgres@127.0.0.1:9/none")
+    assert not await store.ping()
+    await store.close()

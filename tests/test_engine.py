@@ -1056,3 +1056,13 @@ async def test_retryable_error_class_is_retryable() -> None:
     update, _ = await run_graph(graph)
     assert update.status == RunStatus.SUCCEEDED
     assert RetryableError("x").retryable
+
+
+@pytest.mark.anyio
+async def test_an_output_that_is_not_json_data_fails_the_node_not_the_recording() -> None:
+    graph = make_graph({"a": {"agent": "echo", "value": "input.items"}})
+    update, recorder = await run_graph(graph, input={"items": [1]})
+    assert update.status == RunStatus.FAILED
+    assert "not JSON data" in (update.error or "")
+    assert "input['items']" in (update.error or "")
+    assert recorder.types()[-2:] == ["node.failed", "workflow.finished"]

@@ -92,6 +92,28 @@ def _plain_copy(value: Any) -> Any:
     return value
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def json_data(value: Any, path: str) -> Any:
+    """``value`` as plain JSON data (tuples become lists); anything else is a node failure, so an
+    output the store could not persist never leaves a run half-recorded."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, dict):
+        items: dict[Any, Any] = value
+        return {str(k): json_data(v, f"{path}.{k}") for k, v in items.items()}
+    if isinstance(value, list | tuple):
+        seq: list[Any] | tuple[Any, ...] = value
+        return [json_data(v, f"{path}[{i}]") for i, v in enumerate(seq)]
+    hint = (
+        " (did an expression name a method, like `input.items`? use `input['items']`)"
+        if callable(value)
+        else ""
+    )
+    raise NodeError(f"{path} is a {type(value).__name__}, not JSON data{hint}")
+
+
 def _snapshot(ex: NodeExecution) -> NodeExecution:
     return dataclasses.replace(ex, usage=dict(ex.usage) if ex.usage is not None else None)
 
@@ -537,7 +559,7 @@ class _Run:
             )
             try:
                 with anyio.fail_after(node.timeout):
-                    return await node.agent.run(node.config, ctx)
+                    return json_data(await node.agent.run(node.config, ctx), "output")
             except TimeoutError as exc:
                 raise RetryableError(str(exc) or f"timed out after {node.timeout:g}s") from exc
             finally:

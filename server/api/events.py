@@ -1,0 +1,393 @@
+"""Live events over Server-Sent Events: one run's stream (``GET /runs/{id}/events``) and the
+global feed of every run (``GET /events``).
+
+Every stream follows the same order so that no event is lost and none is sent twice: subscribe
+to the bus first, then replay what the store already holds after the client's cursor, then pass
+the live events on, dropping the ones already sent. A subscriber dropped as too slow, or a gap
+in the live sequence, is filled from the store: that is what resuming by id means server-side.
+
+Each stream runs in its own task inside the response (sse-starlette's ``data_sender_callable``),
+so a client that disconnects cancels it at once and its subscription is released with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, cast
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+from litestar import Response, get
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import Parameter
+from litestar.types import ASGIApp
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from server.braid import Braid
+from server.bus.base import SubscriberTooSlow
+from server.errors import NotFound
+from server.events import Event
+from server.status import LIFECYCLE_EVENTS, EventType
+from server.store.base import Store
+
+log = logging.getLogger("braid.sse")
+
+PING_SECONDS = 15.0
+"""Keep-alive comment interval; the environment variable BRAID_SSE_PING overrides it (tests)."""
+
+SEND_TIMEOUT_SECONDS = 30.0
+"""A client that accepts no bytes for this long is disconnected (it can resume by id)."""
+
+SHUTDOWN_GRACE_SECONDS = 1.0
+"""At shutdown, streams end cleanly within this (less than uvicorn's graceful shutdown timeout)."""
+
+REPLAY_PAGE = 500
+MAX_DROPS = 3
+"""A stream the bus drops this many times in a row without it sending anything ends (the bus is
+closing or broken); its client reconnects and resumes by id."""
+
+FEED_SEEN = 4096
+"""How many recently sent global ids a feed remembers, to drop duplicates that arrive late."""
+
+Frames = MemoryObjectSendStream[ServerSentEvent]
+
+
+def ping_seconds() -> float:
+    raw = os.environ.get("BRAID_SSE_PING", "").strip()
+    try:
+        return float(raw) if raw else PING_SECONDS
+    except ValueError:
+        return PING_SECONDS
+
+
+def _encode(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _run_frame(event: Event) -> ServerSentEvent:
+    return ServerSentEvent(_encode(event.as_json()), event=str(event.type), id=str(event.seq))
+
+
+def _feed_frame(event: Event) -> ServerSentEvent:
+    return ServerSentEvent(
+        _encode({**event.as_json(), "gid": event.gid}), event=str(event.type), id=str(event.gid)
+    )
+
+
+def _sse(produce: Callable[[Frames], Awaitable[None]], ping: float | None = None) -> EventSourceResponse:
+    """An SSE response whose frames ``produce`` sends from a task of the response's own task group
+    (cancelled when the client goes away; the stream ends when ``produce`` returns, or cleanly at
+    server shutdown so that clients reconnect and resume by id)."""
+    send, receive = anyio.create_memory_object_stream[ServerSentEvent](16)
+    shutdown = anyio.Event()
+
+    async def sender() -> None:
+        async with send, anyio.create_task_group() as tg:
+
+            async def stop_at_shutdown() -> None:
+                await shutdown.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_at_shutdown)
+            try:
+                await produce(send)
+            except Exception:
+                # The client sees the stream end and resumes by id.
+                log.exception("event stream failed")
+            tg.cancel_scope.cancel()
+
+    return EventSourceResponse(
+        receive,
+        data_sender_callable=sender,
+        ping=ping_seconds() if ping is None else ping,
+        send_timeout=SEND_TIMEOUT_SECONDS,
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+    )
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+async def _produce_run(braid: Braid, run_id: str, after: int, out: Frames) -> None:
+    """Send the run's events with ``seq > after`` in order, without gaps, until workflow.finished."""
+    last = after
+    early: dict[int, Event] = {}  # live events that arrived ahead of a missing one
+
+    async def emit(event: Event) -> bool:
+        nonlocal last
+        await out.send(_run_frame(event))
+        last = event.seq
+        return event.type is EventType.WORKFLOW_FINISHED
+
+    async def catch_up() -> bool:
+        # Only ever send the next number: an event persisted out of order fills in later.
+        while True:
+            events = await braid.store.events(run_id, last, REPLAY_PAGE)
+            for event in events:
+                if event.seq <= last:
+                    continue
+                if event.seq != last + 1:
+                    return False
+                if await emit(event):
+                    return True
+            if len(events) < REPLAY_PAGE:
+                return False
+
+    async def emit_early() -> bool:
+        for seq in [seq for seq in early if seq <= last]:
+            del early[seq]
+        while last + 1 in early:
+            if await emit(early.pop(last + 1)):
+                return True
+        return False
+
+    checked_run = False
+    drops = 0
+    while drops <= MAX_DROPS:
+        resumed_at = last
+        async with braid.bus.subscribe(run_id) as subscription:
+            if await catch_up() or await emit_early():
+                return
+            if not checked_run:
+                checked_run = True
+                if (await braid.store.get_run(run_id)).status.ended:
+                    # Ended while we replayed (or, defensively, without a workflow.finished).
+                    await catch_up()
+                    return
+            try:
+                while True:
+                    event = await subscription.receive()
+                    if event.seq <= last:
+                        if event.type is EventType.WORKFLOW_FINISHED:
+                            return  # the client's cursor was past the end
+                        continue
+                    early[event.seq] = event
+                    if await emit_early():
+                        return
+                    if early and (await catch_up() or await emit_early()):
+                        return
+            except SubscriberTooSlow as exc:
+                drops = 0 if last > resumed_at else drops + 1
+                log.info("run %s: %s; resuming from %d", run_id, exc, last)
+    log.warning("run %s: the event bus keeps dropping this stream; ending it at %d", run_id, last)
+
+
+async def stream_run(braid: Braid, run_id: str, after: int = 0) -> EventSourceResponse:
+    """The SSE stream of one run's events after ``after`` (used by ``GET /runs/{id}/events`` and by
+    ``POST /graphs/{name}/runs?stream=true``); it closes after ``workflow.finished``."""
+
+    async def produce(out: Frames) -> None:
+        await _produce_run(braid, run_id, after, out)
+
+    return _sse(produce)
+
+
+# --- the global feed ---------------------------------------------------------------------------
+
+
+async def last_gid(store: Store) -> int:
+    """The highest global event id (0 when there are no events), in O(log n) store reads."""
+    known, step = 0, 1024
+    while True:
+        beyond = await store.feed(after=known + step, limit=1, deltas=True)
+        if beyond and beyond[0].gid is not None:
+            known, step = beyond[0].gid, step * 2
+            continue
+        following = await store.feed(after=known, limit=1, deltas=True)
+        if not following or following[0].gid is None:
+            return known
+        known, step = following[0].gid, max(1, step // 2)
+
+
+async def _feed_page(store: Store, after: int, graph: str | None, deltas: bool) -> list[Event]:
+    return await store.feed(after=after, limit=REPLAY_PAGE, graph=graph, deltas=deltas)
+
+
+async def feed_tail(store: Store, top: int, count: int, graph: str | None, deltas: bool) -> list[Event]:
+    """The last ``count`` feed events with ``gid <= top``, oldest first."""
+    width = max(64, count * 4)
+    while True:
+        start = max(0, top - width)
+        events: list[Event] = []
+        cursor = start
+        while True:
+            page = await _feed_page(store, cursor, graph, deltas)
+            events.extend(e for e in page if e.gid is not None and e.gid <= top)
+            if len(page) < REPLAY_PAGE or not page or (page[-1].gid or 0) >= top:
+                break
+            cursor = page[-1].gid or cursor
+        if len(events) >= count or start == 0:
+            return events[-count:] if count else []
+        width *= 8
+
+
+async def _produce_feed(
+    braid: Braid, after: int | None, replay: int, graph: str | None, deltas: bool, out: Frames
+) -> None:
+    """Send every matching event after the cursor, then the live ones, forever."""
+    store = braid.store
+    floor = 0  # every event at or below it is already with the client
+    seen: set[int] = set()
+    order: deque[int] = deque()
+    sent = 0
+
+    def wanted(event: Event) -> bool:
+        return (deltas or event.type in LIFECYCLE_EVENTS) and (graph is None or event.graph == graph)
+
+    async def emit(event: Event) -> None:
+        nonlocal floor, sent
+        gid = event.gid
+        if gid is None or gid <= floor or gid in seen:
+            return
+        await out.send(_feed_frame(event))
+        sent += 1
+        seen.add(gid)
+        order.append(gid)
+        if len(order) > FEED_SEEN:
+            oldest = order.popleft()
+            seen.discard(oldest)
+            floor = max(floor, oldest)
+
+    async def catch_up() -> None:
+        # Global ids are committed (and published) slightly out of order across runs: re-read
+        # from the floor (at most FEED_SEEN events back) and let ``emit`` drop what was sent.
+        cursor = floor
+        while True:
+            page = await _feed_page(store, cursor, graph, deltas)
+            for event in page:
+                await emit(event)
+            if len(page) < REPLAY_PAGE:
+                return
+            cursor = page[-1].gid or cursor
+
+    started = False
+    drops = 0
+    while drops <= MAX_DROPS:
+        resumed_at = sent
+        async with braid.bus.subscribe(None) as subscription:
+            if not started:
+                started = True
+                if after is None:
+                    floor = await last_gid(store)
+                    if replay > 0:
+                        for event in await feed_tail(store, floor, replay, graph, deltas):
+                            await out.send(_feed_frame(event))
+                else:
+                    floor = after
+            await catch_up()
+            try:
+                while True:
+                    event = await subscription.receive()
+                    if wanted(event):
+                        await emit(event)
+            except SubscriberTooSlow as exc:
+                drops = 0 if sent > resumed_at else drops + 1
+                log.info("event feed: %s; resuming from the store", exc)
+    log.warning("the event bus keeps dropping the event feed; ending it (clients resume by id)")
+
+
+def stream_feed(
+    braid: Braid, after: int | None = None, *, replay: int = 0, graph: str | None = None, deltas: bool = False
+) -> EventSourceResponse:
+    """The SSE feed of every run's events (lifecycle only unless ``deltas``), ids being global."""
+
+    async def produce(out: Frames) -> None:
+        await _produce_feed(braid, after, replay, graph, deltas, out)
+
+    return _sse(produce)
+
+
+# --- handlers ----------------------------------------------------------------------------------
+
+
+def _cursor(name: str, raw: str | None) -> int | None:
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise HTTPException(status_code=422, detail=f"{name} must be a whole number >= 0, not {raw!r}")
+    return value
+
+
+def _after(query: str | None, header: str | None) -> int | None:
+    """The client's cursor: ``?after=`` wins over ``Last-Event-ID``."""
+    from_query = _cursor("after", query)
+    return from_query if from_query is not None else _cursor("Last-Event-ID", header)
+
+
+def _wants_json(accept: str | None) -> bool:
+    types = {part.split(";")[0].strip().lower() for part in (accept or "").split(",")}
+    return "application/json" in types and "text/event-stream" not in types
+
+
+LastEventId = Annotated[str | None, Parameter(header="Last-Event-ID", required=False)]
+Accept = Annotated[str | None, Parameter(header="Accept", required=False)]
+
+
+@get("/runs/{run_id:str}/events", summary="A run's events (SSE, or a JSON list)", tags=["runs"])
+async def run_events(
+    braid: Braid,
+    run_id: str,
+    after: Annotated[str | None, Parameter(query="after", required=False)] = None,
+    last_event_id: LastEventId = None,
+    accept: Accept = None,
+) -> ASGIApp:
+    """The run's events as Server-Sent Events (``id`` = the event's number in the run), closing
+    after ``workflow.finished``; resume with ``Last-Event-ID`` or ``?after=N``. With
+    ``Accept: application/json``, the JSON list of the events after N."""
+    cursor = _after(after, last_event_id) or 0
+    try:
+        await braid.store.get_run(run_id)
+    except NotFound as exc:
+        raise NotFoundException(str(exc)) from None
+    if _wants_json(accept):
+        events = await braid.store.events(run_id, cursor)
+        # Litestar serializes its own Response and passes any other ASGI app through untouched.
+        return cast("ASGIApp", Response([event.as_json() for event in events]))
+    return cast("ASGIApp", await stream_run(braid, run_id, cursor))
+
+
+@get("/events", summary="Every run's lifecycle events (SSE)", tags=["runs"])
+async def feed(
+    braid: Braid,
+    after: Annotated[str | None, Parameter(query="after", required=False)] = None,
+    last_event_id: LastEventId = None,
+    graph: Annotated[str | None, Parameter(query="graph", required=False)] = None,
+    deltas: Annotated[bool, Parameter(query="deltas", required=False)] = False,
+    replay: Annotated[str | None, Parameter(query="replay", required=False)] = None,
+) -> EventSourceResponse:
+    """All runs' events (no ``node.delta`` unless ``?deltas=true``; ``?graph=`` filters), ``id``
+    being the global id. Resume with ``Last-Event-ID`` or ``?after=N``; without a cursor the feed
+    starts with live events, after the last ``?replay=N`` ones."""
+    cursor = _after(after, last_event_id)
+    last_n = _cursor("replay", replay) or 0
+    return stream_feed(braid, cursor, replay=min(last_n, 10_000), graph=graph, deltas=deltas)
+
+
+@get("/debug/subscribers", include_in_schema=False)
+async def debug_subscribers(braid: Braid) -> dict[str, int]:
+    """Live bus subscribers and asyncio tasks of this process (tests check nothing leaks)."""
+    count: Any = getattr(braid.bus, "subscriber_count", -1)
+    if callable(count):
+        count = count()
+    return {"subscribers": int(count), "tasks": len(asyncio.all_tasks())}
+
+
+def _handlers() -> list[Any]:
+    handlers: list[Any] = [run_events, feed]
+    if os.environ.get("BRAID_DEBUG") == "1":
+        handlers.append(debug_subscribers)
+    return handlers
+
+
+event_handlers = _handlers()
+"""The route handlers ``create_app`` registers (``/debug/subscribers`` only with BRAID_DEBUG=1)."""

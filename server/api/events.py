@@ -319,9 +319,10 @@ def _cursor(name: str, raw: str | None) -> int | None:
 
 
 def _after(query: str | None, header: str | None) -> int | None:
-    """The client's cursor: ``?after=`` wins over ``Last-Event-ID``."""
-    from_query = _cursor("after", query)
-    return from_query if from_query is not None else _cursor("Last-Event-ID", header)
+    """The client's cursor: the later of ``?after=`` and ``Last-Event-ID``. A browser's EventSource
+    reconnects to the same URL (its original ``?after=``) with a newer ``Last-Event-ID``."""
+    cursors = [c for c in (_cursor("after", query), _cursor("Last-Event-ID", header)) if c is not None]
+    return max(cursors) if cursors else None
 
 
 def _wants_json(accept: str | None) -> bool:

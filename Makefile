@@ -23,8 +23,7 @@ format: env
 	$(UV) run ruff check --fix server agents tests bench
 
 bench: setup
-	$(UV) sync --locked --group bench
-	$(UV) run --group bench python -m bench
+	$(UV) run --locked --group bench python -m bench
 
 setup: env static
 

@@ -1,0 +1,252 @@
+"""Streaming: how fast an embedded `braid serve` (SQLite) gets events to SSE clients.
+
+    uv run --group bench python -m bench.streaming [--clients 60] [--rounds 3] [--subscribers 1000]
+
+1. ``--clients`` runs of a 3-node chain started at once, each with ``POST /graphs/{name}/runs
+   ?stream=true``: POST → ``workflow.started`` and POST → ``workflow.finished`` at the client,
+   over ``--rounds`` rounds (after one warm-up round). Target: p99 POST → started < 50 ms at 60.
+2. ``--subscribers`` clients of ``GET /runs/{id}/events`` on one run (a ``wait`` of ``--hold`` s,
+   then a template node): the delay from each ``node.completed`` event's ``at`` to its receipt,
+   counted for subscribers connected before the event. The clients share the machine (and one
+   event loop), so their own lag is in the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from bench.common import Child, child_env, children, free_port, percentile, spawn, table, wait_healthy
+
+CHAIN = "bench-stream3"
+HOLD = "bench-hold"
+TARGET_STARTED_P99_MS = 50.0
+
+
+def chain_spec() -> dict[str, Any]:
+    nodes = {f"n{i}": {"agent": "template", "template": f"step {i}"} for i in range(3)}
+    edges = [{"from": "n0", "to": "n1"}, {"from": "n1", "to": "n2"}]
+    return {"name": CHAIN, "nodes": nodes, "edges": edges}
+
+
+def hold_spec(seconds: float) -> dict[str, Any]:
+    return {
+        "name": HOLD,
+        "nodes": {
+            "hold": {"agent": "wait", "seconds": seconds},
+            "ping": {"agent": "template", "template": "pong"},
+        },
+        "edges": [{"from": "hold", "to": "ping"}],
+    }
+
+
+def _at(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["at"]).timestamp()
+
+
+async def events_of(response: httpx.Response) -> AsyncIterator[tuple[float, dict[str, Any]]]:
+    """The JSON events of an SSE response, with their receipt time: (time, event)."""
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            yield time.time(), json.loads(line[5:])
+
+
+# --- 1. runs streamed from their POST ------------------------------------------------------------
+
+
+async def streamed_round(client: httpx.AsyncClient, clients: int) -> tuple[list[float], list[float]]:
+    started: list[float] = []
+    finished: list[float] = []
+    go = anyio.Event()
+
+    async def one() -> None:
+        await go.wait()
+        began = time.time()
+        async with client.stream(
+            "POST", f"/graphs/{CHAIN}/runs", params={"stream": "true"}, json={}
+        ) as response:
+            if response.status_code != 200:
+                raise RuntimeError(
+                    f"POST ?stream=true: {response.status_code} {(await response.aread())[:300]!r}"
+                )
+            async for received, event in events_of(response):
+                if event["type"] == "workflow.started":
+                    started.append(received - began)
+                elif event["type"] == "workflow.finished":
+                    if event.get("status") != "succeeded":
+                        raise RuntimeError(f"a run ended {event.get('status')}: {event.get('error')}")
+                    finished.append(received - began)
+                    return
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(clients):
+            tg.start_soon(one)
+        await anyio.sleep(0.05)  # every client waiting on ``go``: they all start together
+        go.set()
+    return started, finished
+
+
+async def measure_streamed(url: str, clients: int, rounds: int) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30, read=60), limits=limits) as client:
+        response = await client.put(f"/graphs/{CHAIN}", json=chain_spec())
+        response.raise_for_status()
+        await streamed_round(client, clients)  # warm-up
+        started: list[float] = []
+        finished: list[float] = []
+        for _ in range(rounds):
+            s, f = await streamed_round(client, clients)
+            started += s
+            finished += f
+    return {
+        "clients": clients,
+        "rounds": rounds,
+        "started_ms": {"p50": percentile(started, 50) * 1e3, "p99": percentile(started, 99) * 1e3},
+        "finished_ms": {"p50": percentile(finished, 50) * 1e3, "p99": percentile(finished, 99) * 1e3},
+    }
+
+
+# --- 2. many subscribers on one run --------------------------------------------------------------
+
+
+async def measure_fanout(url: str, subscribers: int, hold: float) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=subscribers + 8, max_keepalive_connections=subscribers + 8)
+    timeout = httpx.Timeout(60, read=hold + 60, pool=60)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        (await client.put(f"/graphs/{HOLD}", json=hold_spec(hold))).raise_for_status()
+        response = await client.post(f"/graphs/{HOLD}/runs", json={})
+        response.raise_for_status()
+        run_id = response.json()["id"]
+        posted = time.time()
+        connected: list[float] = []
+        delays: list[float] = []
+        late = 0
+        failures: list[str] = []
+
+        async def subscribe() -> None:
+            nonlocal late
+            try:
+                async with client.stream("GET", f"/runs/{run_id}/events") as stream:
+                    since = time.time()
+                    connected.append(since - posted)
+                    async for received, event in events_of(stream):
+                        if event["type"] == "node.completed":
+                            at = _at(event)
+                            if at >= since:
+                                delays.append(received - at)
+                            else:
+                                late += 1
+                        elif event["type"] == "workflow.finished":
+                            return
+            except httpx.HTTPError as exc:
+                failures.append(str(exc) or type(exc).__name__)
+
+        with anyio.fail_after(hold + 120):
+            async with anyio.create_task_group() as tg:
+                for _ in range(subscribers):
+                    tg.start_soon(subscribe)
+    return {
+        "subscribers": subscribers,
+        "hold_seconds": hold,
+        "connected": len(connected),
+        "all_connected_after_s": max(connected) if connected else None,
+        "failures": len(failures),
+        "first_failure": failures[0] if failures else None,
+        "live_deliveries": len(delays),
+        "replayed_deliveries": late,
+        "delivery_ms": {
+            "p50": percentile(delays, 50) * 1e3,
+            "p99": percentile(delays, 99) * 1e3,
+            "max": max(delays) * 1e3 if delays else float("nan"),
+        },
+    }
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+async def measure(clients: int, rounds: int, subscribers: int, hold: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="braid-bench-") as name:
+        folder = Path(name)
+        (folder / "examples").mkdir()
+        (folder / "prompts").mkdir()
+        port = free_port()
+        env = child_env(
+            BRAID_DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'bench.db'}",
+            BRAID_HOST="127.0.0.1",
+            BRAID_PORT=str(port),
+            BRAID_EXAMPLES_DIR=str(folder / "examples"),
+            BRAID_PROMPTS_DIR=str(folder / "prompts"),
+        )
+        with children() as started:
+            api: Child = spawn(started, "api", ["-m", "server.cli", "serve"], folder, env)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                await anyio.to_thread.run_sync(lambda: wait_healthy(url, [api]))
+                results = {"streamed": await measure_streamed(url, clients, rounds)}
+                if subscribers:
+                    results["subscribers"] = await measure_fanout(url, subscribers, hold)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"the streaming benchmark failed: {exc}\n--- api\n{api.log(2000)}"
+                ) from exc
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    s = results["streamed"]
+    verdict = "yes" if s["started_ms"]["p99"] < TARGET_STARTED_P99_MS else "no"
+    out = table(
+        f"Streaming: {s['clients']} concurrent runs, POST ?stream=true ({s['rounds']} rounds), "
+        "ms at the client",
+        ["measure", "p50", "p99", f"p99 < {TARGET_STARTED_P99_MS:g}"],
+        [
+            ["POST → workflow.started", s["started_ms"]["p50"], s["started_ms"]["p99"], verdict],
+            ["POST → workflow.finished", s["finished_ms"]["p50"], s["finished_ms"]["p99"], ""],
+        ],
+    )
+    f = results.get("subscribers")
+    if f:
+        d = f["delivery_ms"]
+        out += "\n\n" + table(
+            f"Streaming: {f['subscribers']:,} SSE subscribers on one run, node.completed delivery, ms",
+            ["connected", "live deliveries", "p50", "p99", "max", "failures"],
+            [
+                [
+                    f"{f['connected']:,}",
+                    f"{f['live_deliveries']:,}",
+                    d["p50"],
+                    d["p99"],
+                    d["max"],
+                    f["failures"],
+                ]
+            ],
+        )
+        if f["all_connected_after_s"] is not None:
+            out += f"\n(last subscriber connected {f['all_connected_after_s']:.2f} s after the POST)"
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__)
+    parser.add_argument("--clients", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--hold", type=float, default=10.0, help="seconds the subscribed run waits first")
+    args = parser.parse_args(argv)
+    results = anyio.run(measure, args.clients, args.rounds, args.subscribers, args.hold)
+    print(report(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

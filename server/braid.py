@@ -4,7 +4,7 @@ clients (and the offline mock model), and — in embedded mode or when asked —
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from server.errors import ValidationFailed
 from server.graph.fields import ValidationContext
 from server.graph.parse import build_graph, load_document
 from server.queue.base import RunQueue
-from server.runner import GraphCache, Runner
+from server.runner import HEARTBEAT_SECONDS, GraphCache, Runner
 from server.runs import Runs
 from server.status import RunStatus
 from server.store.base import Store
@@ -54,7 +54,11 @@ def _queue_and_bus(settings: Settings) -> tuple[RunQueue, EventBus]:
         from server.bus.redis import RedisBus
         from server.queue.redis import RedisQueue
 
-        return RedisQueue(settings.redis_url), RedisBus(settings.redis_url)
+        prefix = settings.redis_prefix
+        return (
+            RedisQueue(settings.redis_url, prefix=prefix, idle_ms=settings.reclaim_idle_ms),
+            RedisBus(settings.redis_url, prefix=prefix),
+        )
     from server.bus.memory import MemoryBus
     from server.queue.memory import MemoryQueue
 
@@ -91,7 +95,7 @@ async def load_examples(braid: Braid, folder: Path) -> list[str]:
 
 
 @asynccontextmanager
-async def open_braid(settings: Settings, *, workers: bool | None = None) -> AsyncIterator[Braid]:
+async def open_braid(settings: Settings, *, workers: bool | None = None) -> AsyncGenerator[Braid]:
     """Start everything one process needs; ``workers`` defaults to True in embedded mode."""
     from server.mockllm import MockModelServer
     from server.store.sql import SqlStore
@@ -129,6 +133,8 @@ async def open_braid(settings: Settings, *, workers: bool | None = None) -> Asyn
                 validation=validation,
                 env=settings.template_variables(),
                 concurrency=settings.worker_concurrency,
+                # Beat well within the idle limit, so a live run is never taken over.
+                heartbeat_seconds=min(HEARTBEAT_SECONDS, settings.reclaim_idle_ms / 3000),
             )
         braid = Braid(
             settings=settings,

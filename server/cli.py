@@ -95,20 +95,9 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 async def _work(settings: Settings) -> None:
-    import anyio
+    from server.worker import run_worker
 
-    from server.braid import open_braid
-
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_braid(settings, workers=True):
-            print(
-                f"Braid worker: {describe_database(settings.database_url)}, "
-                f"{settings.worker_concurrency} runs at once; Ctrl-C to stop",
-                flush=True,
-            )
-            async for signum in signals:
-                print(f"Braid worker: {signal.Signals(signum).name}, stopping", flush=True)
-                return
+    await run_worker(settings)
 
 
 def worker(args: argparse.Namespace) -> int:

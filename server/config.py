@@ -18,6 +18,11 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./braid.db"
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
+    redis_prefix: str = "braid"
+    """The prefix of every Redis key (BRAID_REDIS_PREFIX): deployments sharing a Redis differ in it."""
+    reclaim_idle_ms: int = 30_000
+    """A run whose worker sent no heartbeat for this long is taken over by another worker
+    (BRAID_RECLAIM_IDLE_MS); the sweep for lost runs is paced by it too."""
     host: str = "127.0.0.1"
     port: int = 8000
     prompts_dir: Path = Path("prompts")
@@ -98,6 +103,12 @@ class Settings:
                 "database; set BRAID_DATABASE_URL=postgresql+asyncpg://..."
             )
 
+        redis_prefix = get("BRAID_REDIS_PREFIX") or "braid"
+        if not all(c.isalnum() or c in "-_.:" for c in redis_prefix):
+            raise SettingsError(
+                f"BRAID_REDIS_PREFIX may hold only letters, digits and - _ . :, not {redis_prefix!r}"
+            )
+
         providers: dict[str, tuple[str, str]] = {}
         raw_providers = get("BRAID_PROVIDERS")
         if raw_providers:
@@ -121,6 +132,8 @@ class Settings:
         return cls(
             database_url=database_url,
             redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            reclaim_idle_ms=integer("BRAID_RECLAIM_IDLE_MS", 30_000, 100, 86_400_000),
             host=get("BRAID_HOST") or "127.0.0.1",
             port=integer("BRAID_PORT", 8000, 0, 65535),
             prompts_dir=Path(get("BRAID_PROMPTS_DIR") or "prompts"),

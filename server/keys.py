@@ -19,6 +19,12 @@ CANCEL = "cancel"
 EVENTS = "events"
 """The global event feed (every run's events), trimmed to an approximate length."""
 
+RUN_ALIVE = "run:{run_id}:alive"
+"""Set (with a time to live) while a worker executes the run, refreshed by its heartbeat: the
+sweep never re-enqueues a run whose key exists."""
+SWEEP = "sweep"
+"""Held (with a time to live) by the worker that sweeps for lost runs this round."""
+
 WORKER_GROUP = "workers"
 """The run queue's consumer group (a name inside the stream, not a key)."""
 
@@ -46,6 +52,14 @@ class Keys:
     def run_events(self, run_id: str) -> str:
         """One run's event stream (expires a while after the run finished)."""
         return f"{self.prefix}:{EVENTS}:{run_id}"
+
+    def run_alive(self, run_id: str) -> str:
+        """Exists while a live worker executes ``run_id`` (see ``RUN_ALIVE``)."""
+        return f"{self.prefix}:{RUN_ALIVE.format(run_id=run_id)}"
+
+    @property
+    def sweep(self) -> str:
+        return f"{self.prefix}:{SWEEP}"
 
     @property
     def pattern(self) -> str:

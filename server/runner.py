@@ -106,6 +106,8 @@ class Runner:
         validation: ValidationContext,
         env: Mapping[str, str] | None = None,
         concurrency: int = 32,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        backoff_cap: float = 10.0,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -113,32 +115,91 @@ class Runner:
         self.engine = Engine(resources, env)
         self.graphs = GraphCache(store, registry, validation)
         self.concurrency = concurrency
+        self.heartbeat_seconds = heartbeat_seconds
+        self.backoff_cap = backoff_cap
         self.handles: dict[str, RunHandle] = {}
+        self._stopping = False
+        self._taking: anyio.CancelScope | None = None
+        self._drained = anyio.Event()
         # Cancellations heard for runs this worker does not hold (yet): a cancel that races the
         # run's delivery is applied when the run arrives.
         self._cancelled: OrderedDict[str, None] = OrderedDict()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Take and execute runs until cancelled (shutdown leaves unfinished runs to be resumed)."""
+        """Take and execute runs until cancelled (shutdown leaves unfinished runs to be resumed),
+        or until ``stop_taking`` and the runs in flight have finished."""
         limiter = anyio.Semaphore(self.concurrency)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._listen_for_cancellations)
-            task_status.started()
-            while True:
-                await limiter.acquire()
-                try:
-                    delivery = await self.queue.take()
-                except BaseException:
-                    limiter.release()
-                    raise
-                tg.start_soon(self._execute_delivery, delivery, limiter)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._listen_for_cancellations)
+                task_status.started()
+                with anyio.CancelScope() as self._taking:
+                    if self._stopping:
+                        self._taking.cancel()
+                    await self._take_and_execute(tg, limiter)
+                # Stopped taking: every slot free again means no run is in flight.
+                for _ in range(self.concurrency):
+                    await limiter.acquire()
+                tg.cancel_scope.cancel()
+        finally:
+            self._drained.set()
+
+    async def _take_and_execute(self, tg: anyio.abc.TaskGroup, limiter: anyio.Semaphore) -> None:
+        failures = 0
+        while True:
+            await limiter.acquire()
+            try:
+                delivery = await self.queue.take()
+            except Exception as exc:
+                # The queue backs off on connection errors itself; anything else must not kill
+                # the worker either: log it, wait, and take again.
+                limiter.release()
+                failures += 1
+                delay = min(self.backoff_cap, 0.1 * 2 ** min(failures, 16))
+                log.error("taking a run failed (%s); retrying in %.1fs", exc, delay, exc_info=True)
+                await anyio.sleep(delay)
+                continue
+            except BaseException:
+                limiter.release()
+                raise
+            failures = 0
+            tg.start_soon(self._execute_delivery, delivery, limiter)
+
+    def stop_taking(self) -> None:
+        """Take no more runs; ``serve`` returns once the runs in flight have finished."""
+        self._stopping = True
+        if self._taking is not None:
+            self._taking.cancel()
+
+    async def drain(self, grace: float) -> bool:
+        """Stop taking runs and wait up to ``grace`` seconds for the runs in flight to finish;
+        True if they did. Runs still in flight afterwards are left unacknowledged, for another
+        worker to resume, when the caller stops ``serve``."""
+        self.stop_taking()
+        if self._taking is None:  # serve never started
+            return True
+        with anyio.move_on_after(grace):
+            await self._drained.wait()
+            return True
+        return False
 
     async def _listen_for_cancellations(self) -> None:
-        async for run_id in self.queue.cancellations():
-            if not self.cancel_local(run_id):
-                self._cancelled[run_id] = None
-                if len(self._cancelled) > 10_000:
-                    self._cancelled.popitem(last=False)
+        failures = 0
+        while True:
+            try:
+                async for run_id in self.queue.cancellations():
+                    failures = 0
+                    if not self.cancel_local(run_id):
+                        self._cancelled[run_id] = None
+                        if len(self._cancelled) > 10_000:
+                            self._cancelled.popitem(last=False)
+            except Exception as exc:
+                failures += 1
+                delay = min(self.backoff_cap, 0.1 * 2 ** min(failures, 16))
+                log.error("listening for cancellations failed (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+            else:
+                return  # the queue was closed
 
     async def _execute_delivery(self, delivery: Delivery, limiter: anyio.Semaphore) -> None:
         try:
@@ -165,7 +226,7 @@ class Runner:
 
     async def _heartbeat(self, delivery: Delivery) -> None:
         while True:
-            await anyio.sleep(HEARTBEAT_SECONDS)
+            await anyio.sleep(self.heartbeat_seconds)
             await delivery.heartbeat()
 
     async def execute(self, run_id: str) -> RunUpdate | None:

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,14 @@ from server.keys import DEFAULT_PREFIX, WORKER_GROUP, Keys
 log = logging.getLogger("braid.queue")
 
 TRANSIENT = (ConnectionError, TimeoutError)
+
+KEEP_IF_HELD = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+"""Extend a lock's time to live, if the caller (ARGV[1]) still holds it."""
 
 
 def connect(url: str, *, block_ms: int = 2000, name: str | None = None) -> Redis:
@@ -79,10 +87,10 @@ class RedisDelivery:
     queue: RedisQueue
 
     async def ack(self) -> None:
-        await self.queue._ack(self.message_id)
+        await self.queue._ack(self.message_id, self.run_id)
 
     async def heartbeat(self) -> None:
-        await self.queue._heartbeat(self.message_id)
+        await self.queue._heartbeat(self.message_id, self.run_id)
 
     async def dead_letter(self, reason: str) -> None:
         await self.queue._dead_letter(self, reason)
@@ -156,7 +164,8 @@ class RedisQueue:
         consumer: this worker's name in the group; unique per process by default.
         group: the consumer group.
         block_ms: how long one ``XREADGROUP`` blocks before ``take`` looks for idle runs again.
-        idle_ms: a pending run idle this long (no heartbeat) is taken from its worker.
+        idle_ms: a pending run idle this long (no heartbeat) is taken from its worker; a run's
+            "alive" key (see ``server.keys.RUN_ALIVE``) lives this long after each beat.
         backoff_cap: the longest wait, in seconds, between reconnection attempts.
     """
 
@@ -205,12 +214,15 @@ class RedisQueue:
                 await self._backoff("taking a run", exc, failures)
                 continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted under a blocked
+                # read (FLUSHALL, or Redis restarted empty): recreate them.
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
-                self._group_ready = False  # the stream was deleted (FLUSHALL?): recreate it
+                self._group_ready = False
                 continue
             failures = 0
             if delivery is not None:
+                await self._mark_alive(delivery.run_id)
                 return delivery
 
     async def cancel(self, run_id: str) -> None:
@@ -226,6 +238,44 @@ class RedisQueue:
             except (RedisError, OSError):
                 return False
         return False
+
+    async def queued_run_ids(self, page: int = 1000) -> set[str]:
+        """The ids of the runs with a message in the stream, waiting or pending (being executed).
+
+        Acknowledged messages are deleted, so the stream holds exactly these; a pending message
+        whose entry is gone cannot be delivered again, so the stream alone answers.
+        """
+        found: set[str] = set()
+        start = "-"
+        while True:
+            entries = await self.redis.xrange(self.keys.runs, start, "+", count=page) or []
+            for entry_id, fields in entries:
+                run_id = {text(k): text(v) for k, v in (fields or {}).items()}.get("run_id")
+                if run_id:
+                    found.add(run_id)
+                start = f"({text(entry_id)}"
+            if len(entries) < page:
+                return found
+
+    async def alive_run_ids(self, run_ids: Sequence[str]) -> set[str]:
+        """Those of ``run_ids`` a live worker is executing (their heartbeat key exists)."""
+        if not run_ids:
+            return set()
+        values = await self.redis.mget([self.keys.run_alive(run_id) for run_id in run_ids])
+        return {run_id for run_id, value in zip(run_ids, values, strict=True) if value is not None}
+
+    async def lead_sweep(self, seconds: float) -> bool:
+        """True for one caller, among every worker of this Redis, per ``seconds``."""
+        return bool(
+            await self.redis.set(self.keys.sweep, self.consumer, nx=True, px=max(1, round(seconds * 1000)))
+        )
+
+    async def keep_sweep(self, seconds: float) -> bool:
+        """Keep the lead taken by ``lead_sweep`` for ``seconds`` from now; False if it was lost."""
+        kept = await self.redis.eval(
+            KEEP_IF_HELD, 1, self.keys.sweep, self.consumer, max(1, round(seconds * 1000))
+        )
+        return bool(kept)
 
     async def close(self) -> None:
         for listener in list(self._listeners):
@@ -275,17 +325,29 @@ class RedisQueue:
         values = {text(k): text(v) for k, v in (fields or {}).items()}
         return RedisDelivery(values.get("run_id", ""), deliveries, message_id, self)
 
-    async def _ack(self, message_id: str) -> None:
+    async def _ack(self, message_id: str, run_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.runs, self.group, message_id)
             pipe.xdel(self.keys.runs, message_id)
+            pipe.delete(self.keys.run_alive(run_id))
             await pipe.execute()
 
-    async def _heartbeat(self, message_id: str) -> None:
+    async def _mark_alive(self, run_id: str) -> None:
         try:
-            await self.redis.xclaim(self.keys.runs, self.group, self.consumer, 0, [message_id], justid=True)
+            await self.redis.set(self.keys.run_alive(run_id), self.consumer, px=self.idle_ms)
+        except RedisError as exc:
+            log.warning("could not mark run %s as alive: %s", run_id, exc)
+
+    async def _heartbeat(self, message_id: str, run_id: str | None = None) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if run_id:
+                    pipe.set(self.keys.run_alive(run_id), self.consumer, px=self.idle_ms)
+                pipe.xclaim(self.keys.runs, self.group, self.consumer, 0, [message_id], justid=True)
+                await pipe.execute()
         except RedisError as exc:
             # A missed beat is harmless unless they all fail for ``idle_ms``; never stop the run.
+            # (The alive key is set even when the message is gone: Redis lost its data.)
             log.warning("heartbeat for message %s failed: %s", message_id, exc)
 
     async def _dead_letter(self, delivery: RedisDelivery, reason: str) -> None:
@@ -305,6 +367,7 @@ class RedisQueue:
             )
             pipe.xack(self.keys.runs, self.group, delivery.message_id)
             pipe.xdel(self.keys.runs, delivery.message_id)
+            pipe.delete(self.keys.run_alive(delivery.run_id))
             await pipe.execute()
 
     async def _backoff(self, doing: str, exc: Exception, failures: int) -> None:

@@ -23,9 +23,8 @@ Choices where DESIGN.md is silent:
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -86,9 +85,63 @@ def retry_wait(policy: RetryPolicy) -> wait_exponential_jitter:
 def _plain_copy(value: Any) -> Any:
     """A copy of plain data (dicts, lists, scalars), so an agent cannot change the run's state."""
     if isinstance(value, dict):
-        return {k: _plain_copy(v) for k, v in value.items()}
+        items: dict[Any, Any] = value
+        return {k: _plain_copy(v) for k, v in items.items()}
     if isinstance(value, list | tuple):
-        return [_plain_copy(v) for v in value]
+        seq: list[Any] | tuple[Any, ...] = value
+        return [_plain_copy(v) for v in seq]
+    return value
+
+
+class _CopyOnRead(dict[str, Any]):
+    """What an agent is given as ``outputs`` (and ``input``): a shallow snapshot of the run's dict
+    whose values are copied as they are read, so an agent can neither change the run's state nor
+    pay for copying what it does not read. A plain dict to everyone else (``tojson``, ``dict()``,
+    the sandbox's refusal to call mutating methods); whatever hands out a value hands out a copy.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        return _plain_copy(dict.__getitem__(self, key))
+
+    def __iter__(self) -> Iterator[str]:  # not dict's own: ``dict(view)`` then reads through __getitem__
+        return dict.__iter__(self)
+
+    def get(self, key: str, default: Any = None) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return _plain_copy(dict.get(self, key, default))
+
+    def items(self) -> list[tuple[str, Any]]:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return [(k, _plain_copy(v)) for k, v in dict.items(self)]
+
+    def values(self) -> list[Any]:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return [_plain_copy(v) for v in dict.values(self)]
+
+    def copy(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    def pop(self, key: str, *default: Any) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return _plain_copy(dict.pop(self, key, *default))
+
+    def popitem(self) -> tuple[str, Any]:
+        key, value = dict.popitem(self)
+        return key, _plain_copy(value)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return _plain_copy(dict.setdefault(self, key, default))
+
+    def __or__(self, other: Any) -> dict[str, Any]:  # pyright: ignore[reportIncompatibleMethodOverride]
+        merged = self.copy()
+        merged.update(other)
+        return merged
+
+
+def _guarded(value: Any) -> Any:
+    """``value`` as an agent may have it: dicts as a copy-on-read view, lists copied."""
+    if isinstance(value, dict):
+        return _CopyOnRead(value)
+    if isinstance(value, list | tuple):
+        return _plain_copy(value)
     return value
 
 
@@ -115,7 +168,19 @@ def json_data(value: Any, path: str) -> Any:
 
 
 def _snapshot(ex: NodeExecution) -> NodeExecution:
-    return dataclasses.replace(ex, usage=dict(ex.usage) if ex.usage is not None else None)
+    """What is recorded of ``ex`` now (the engine goes on changing ``ex``; outputs never change)."""
+    return NodeExecution(
+        ex.node,
+        ex.iteration,
+        ex.index,
+        ex.status,
+        ex.attempts,
+        ex.output,
+        ex.error,
+        ex.started_at,
+        ex.finished_at,
+        dict(ex.usage) if ex.usage is not None else None,
+    )
 
 
 class RunHandle:
@@ -209,12 +274,24 @@ class _Run:
         self.state = state
         self.handle = handle
         self.seq = state.last_seq
-        self.lock = anyio.Lock()
+        self.broken: Exception | None = None
+        # Held while skips are recorded: a node that another branch makes ready meanwhile may
+        # depend on one of them, so it starts only once they are recorded (see ``advance``).
+        self.skip_lock = anyio.Lock()
+        self.skipping = 0
         self.limiter = anyio.CapacityLimiter(max(1, graph.concurrency))
         # Map items get their own slots: a mapped node holds a node slot while its items run.
         self.item_limiter = anyio.CapacityLimiter(max(1, graph.concurrency))
         self.edges = {e.index: e for e in graph.edges}
         self.forward_out = {n: [e for e in graph.outgoing.get(n, []) if not e.back] for n in graph.nodes}
+        # Where a node goes when none of its edges has a `when`: known before it runs.
+        self.fixed: dict[str, _Decision] = {}
+        for n in graph.nodes:
+            out = graph.outgoing.get(n, [])
+            if all(e.when is None for e in out):
+                back = next((e for e in out if e.back), None)
+                forward = [] if back is not None else [(e, True) for e in self.forward_out[n]]
+                self.fixed[n] = _Decision(back=back, forward=forward)
         self.replay: dict[tuple[str, int, int | None], NodeExecution] = {}
         for ex in state.executions:
             node = graph.nodes.get(ex.node)
@@ -313,21 +390,37 @@ class _Run:
     async def emit(
         self, type: EventType, data: dict[str, Any], change: NodeExecution | RunUpdate | None
     ) -> None:
-        """Number ``data`` as the run's next event and record it. Shielded, so a cancellation
-        never leaves a gap in the sequence, and bounded, so a dead store cannot hang the run."""
+        """Number ``data`` as the run's next event and record it.
+
+        The number is taken and ``record`` entered with no suspension point in between, so the
+        recorder is entered in sequence order while the calls of concurrent nodes overlap (the
+        store commits them together; see ``Recorder``). Shielded, so a cancellation never leaves
+        a gap in the sequence, and bounded, so a dead store cannot hang the run. Once a recording
+        failed nothing more is recorded: the run stops there, to be resumed, without a gap."""
+        if self.broken is not None:
+            raise self.broken
+        self.seq += 1
+        event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
         with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
-            async with self.lock:
-                self.seq += 1
-                event = Event(self.info.id, self.seq, type, self.graph.name, data, at=utcnow())
+            try:
                 await self.recorder.record(event, change)
+            except Exception as exc:
+                self.broken = exc
+                raise
         if scope.cancelled_caught:
-            raise RecordTimeout(f"recording {type} took over {RECORD_TIMEOUT:g}s: is the store reachable?")
+            self.broken = RecordTimeout(
+                f"recording {type} took over {RECORD_TIMEOUT:g}s: is the store reachable?"
+            )
+            raise self.broken
 
     def variables(self, node: str | None, iteration: int, *, copy: bool = False) -> dict[str, Any]:
+        """The template context. ``copy``: for an agent, which may keep or change what it gets,
+        so the run's data reaches it through copy-on-read views (no copying of what it does not
+        read: outputs are JSON data copied once, by ``json_data``, when they are produced)."""
         outputs: Any = self.outputs
         run_input: Any = self.info.input
         if copy:
-            outputs, run_input = _plain_copy(outputs), _plain_copy(run_input)
+            outputs, run_input = _CopyOnRead(outputs), _guarded(run_input)
         return {
             "input": run_input,
             "outputs": outputs,
@@ -359,10 +452,21 @@ class _Run:
             ready.append(decision.back.target)
         else:
             self.propagate(deque(decision.forward), skipped, ready)
-        for node, iteration in skipped:
-            await self.skip(node, iteration)
-        for node in ready:
-            self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
+        if not skipped and not self.skipping:
+            for node in ready:
+                self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
+            return
+        # Skips are recorded one at a time; whatever starts or is skipped meanwhile (here or in
+        # another branch) may depend on them, so it waits until they are all recorded.
+        self.skipping += 1
+        try:
+            async with self.skip_lock:
+                for node, iteration in skipped:
+                    await self.skip(node, iteration)
+                for node in ready:
+                    self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
+        finally:
+            self.skipping -= 1
 
     def propagate(
         self, work: deque[tuple[Edge, bool]], skipped: list[tuple[str, int]], ready: list[str]
@@ -407,8 +511,24 @@ class _Run:
         """Evaluate the ``when`` of every edge out of ``name`` given its ``output``. An expression
         error raises ``ExpressionError`` (a failure of ``name``), or, when ``lenient``, counts as
         false."""
+        fixed = self.fixed.get(name)
+        if fixed is not None:
+            return fixed
+        # The expressions see ``output`` as the node's: set it for the time of this (synchronous)
+        # evaluation only, rather than copying every output into a new dict.
+        outputs = self.outputs
+        had, previous = name in outputs, outputs.get(name)
+        outputs[name] = output
+        try:
+            return self._decide(name, lenient=lenient)
+        finally:
+            if had:
+                outputs[name] = previous
+            else:
+                del outputs[name]
+
+    def _decide(self, name: str, *, lenient: bool = False) -> _Decision:
         variables = self.variables(name, self.iteration[name])
-        variables["outputs"] = {**self.outputs, name: output}
 
         def taken(edge: Edge) -> bool:
             if edge.when is None:
@@ -543,7 +663,7 @@ class _Run:
             await self.emit(EventType.NODE_STARTED, started, _snapshot(ex))
             variables = self.variables(node.id, ex.iteration, copy=True)
             if index is not None:
-                variables["item"] = _plain_copy(item)
+                variables["item"] = _guarded(item)
                 variables["index"] = index
             ctx = NodeContext(
                 run_id=self.info.id,
@@ -579,6 +699,23 @@ class _Run:
             }
             await self.emit(EventType.NODE_RETRYING, tagged(data), _snapshot(ex))
 
+        # The first attempt runs directly: tenacity (costly to set up) comes in only after a
+        # retryable failure, which it takes as its own first attempt, so the attempt numbers,
+        # the backoff and the events are exactly those of tenacity running every attempt.
+        try:
+            return await once()
+        except Exception as exc:
+            if node.retry.attempts <= 1 or not is_retryable(exc):
+                raise
+            failure: Exception | None = exc
+
+        async def again() -> Any:
+            nonlocal failure
+            if failure is not None:
+                first, failure = failure, None
+                raise first
+            return await once()
+
         retrying = AsyncRetrying(
             sleep=anyio.sleep,
             stop=stop_after_attempt(max(1, node.retry.attempts)),
@@ -587,7 +724,7 @@ class _Run:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return await retrying(once)
+        return await retrying(again)
 
     async def run_map(self, node: Node, ex: NodeExecution) -> _Decision | None:
         ex.attempts = 1

@@ -25,7 +25,19 @@ def _copy(value: Any) -> Any:
 
 
 def _copy_execution(ex: NodeExecution) -> NodeExecution:
-    return dataclasses.replace(ex, output=_copy(ex.output), usage=_copy(ex.usage))
+    # The constructor, not ``dataclasses.replace``: this runs for every event.
+    return NodeExecution(
+        ex.node,
+        ex.iteration,
+        ex.index,
+        ex.status,
+        ex.attempts,
+        _copy(ex.output),
+        ex.error,
+        ex.started_at,
+        ex.finished_at,
+        _copy(ex.usage),
+    )
 
 
 def _matcher(match: Match) -> Callable[[Event], bool]:
@@ -46,7 +58,8 @@ class MemoryRecorder:
         self._waiters: list[tuple[Callable[[Event], bool], anyio.Event, list[Event]]] = []
 
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
-        event = dataclasses.replace(event, data=_copy(event.data))
+        data = _copy(event.data)
+        event = Event(event.run_id, event.seq, event.type, event.graph, data, event.at, event.gid)
         self.events.append(event)
         if isinstance(change, NodeExecution):
             self.executions[change.key] = _copy_execution(change)

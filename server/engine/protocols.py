@@ -11,11 +11,17 @@ from server.events import Event
 class Recorder(Protocol):
     """Where a run's events and state changes go.
 
-    The engine calls ``record`` once per event, in sequence order, passing the state change the
-    event reflects (the node execution for ``node.*`` events, the run update for ``workflow.*``;
-    None for ``node.delta``). An implementation persists both together (the SQL store), or
-    keeps them in memory (tests, benchmarks), and publishes the event to live subscribers.
-    When ``record`` returns, the event and its state are durable.
+    The engine calls ``record`` once per event, passing the state change the event reflects (the
+    node execution for ``node.*`` events, the run update for ``workflow.*``; None for
+    ``node.delta``). An implementation persists both together (the SQL store), or keeps them in
+    memory (tests, benchmarks), and publishes the event to live subscribers. When ``record``
+    returns, the event and its state are durable.
+
+    Calls for one run may overlap (concurrent nodes record at once, so the store can commit their
+    events together), but they begin in sequence order: an implementation must take each event's
+    place in its order before its first suspension point (``await``), as the SQL store's queue
+    and the memory recorder do, so a run's events are persisted in order and without gaps. The
+    engine records nothing more of a run after a ``record`` call failed.
     """
 
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:

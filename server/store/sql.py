@@ -4,6 +4,11 @@ Events are written with group commit: concurrent ``record`` calls are queued, an
 finds no write in progress becomes the writer and commits everything queued in one transaction,
 while the others wait for their batch. Under load one transaction carries the events of many runs
 and nodes; a lone caller pays for one transaction as before.
+
+On SQLite a batch is written by one call into a writer thread with its own (synchronous) SQLite
+connection: through aiosqlite every statement, fetch, cursor close and commit is a round trip to
+aiosqlite's thread, a dozen per batch, which was most of the cost of recording an event. The
+writer's transactions are reported to the main engine's ``commit`` listeners too.
 """
 
 from __future__ import annotations
@@ -20,7 +25,20 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from sqlalchemy import ColumnElement, Connection, bindparam, event, func, inspect, literal, text, update
+import anyio.to_thread
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    inspect,
+    literal,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -87,6 +105,16 @@ class _Pending:
     error: Exception | None = None
 
 
+@dataclass(slots=True)
+class _Writes:
+    """The rows of one batch: events, node upserts, ``last_seq`` updates, other run updates."""
+
+    events: list[dict[str, Any]]
+    nodes: list[dict[str, Any]]
+    seq_only: list[dict[str, Any]]
+    runs: list[tuple[str, dict[str, Any]]]
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -109,8 +137,20 @@ class SqlStore:
             url, json_serializer=_dumps, pool_pre_ping=not url.startswith("sqlite")
         )
         self._sqlite = self._engine.dialect.name == "sqlite"
+        # SQLite event batches go through a synchronous connection in a thread of their own (one
+        # round trip per batch); not for an in-memory database, which a second engine would not see.
+        self._writer: Engine | None = None
+        self._writer_thread = anyio.CapacityLimiter(1)
         if self._sqlite:
             event.listen(self._engine.sync_engine, "connect", _set_sqlite_pragmas)
+            database = self._engine.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                self._writer = create_engine(
+                    self._engine.url.set(drivername="sqlite+pysqlite"), json_serializer=_dumps
+                )
+                event.listen(self._writer, "connect", _set_sqlite_pragmas)
+                main = self._engine.sync_engine
+                event.listen(self._writer, "commit", lambda conn: main.dispatch.commit(conn))
         self._sessions = async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
         self._ids = RunIds()
         self._batch_size = batch_size
@@ -151,6 +191,8 @@ class SqlStore:
                 await conn.execute(SCHEMA.insert().values(id=1, version=SCHEMA_VERSION))
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await anyio.to_thread.run_sync(self._writer.dispose, limiter=self._writer_thread)
         await self._engine.dispose()
 
     async def ping(self) -> bool:
@@ -418,24 +460,49 @@ class SqlStore:
                 for item in batch:
                     item.error = _conflict(item, exc)
             else:
-                # Find the culprit: one bad event must not fail the other runs' events.
+                # Find the culprit: one bad event must not fail the other runs' events. A run's
+                # events after its failed one fail with it, so its sequence keeps no gap.
+                failed: dict[str, Exception] = {}
                 for item in batch:
+                    earlier = failed.get(item.event.run_id)
+                    if earlier is not None:
+                        item.error = earlier
+                        continue
                     try:
                         await self._commit([item])
                     except Exception as item_exc:
-                        item.error = _conflict(item, item_exc)
+                        item.error = failed[item.event.run_id] = _conflict(item, item_exc)
+        failures = {item.event.run_id: item.error for item in batch if item.error is not None}
         for item in batch:
             item.done = True
             item.wake.set()
+        if failures and self._queue:
+            # Events of those runs queued meanwhile come later in their sequence: fail them too.
+            later = [p for p in self._queue if p.event.run_id in failures]
+            self._queue[:] = [p for p in self._queue if p.event.run_id not in failures]
+            for item in later:
+                item.error = failures[item.event.run_id]
+                item.done = True
+                item.wake.set()
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        events = [item.event for item in batch]
+        events = [
+            {
+                "run_id": e.run_id,
+                "seq": e.seq,
+                "type": str(e.type),
+                "graph": e.graph,
+                "at": e.at,
+                "data": e.data,
+            }
+            for e in (item.event for item in batch)
+        ]
         nodes: dict[tuple[str, str, int, int], dict[str, Any]] = {}
-        runs: dict[str, dict[str, Any]] = {}
+        last_seq: dict[str, int] = {}
+        run_updates: dict[str, dict[str, Any]] = {}
         for item in batch:
             run_id, change = item.event.run_id, item.change
-            values = runs.setdefault(run_id, {})
-            values["last_seq"] = max(item.event.seq, values.get("last_seq", 0))
+            last_seq[run_id] = max(item.event.seq, last_seq.get(run_id, 0))
             if isinstance(change, NodeExecution):
                 idx = WHOLE_NODE if change.index is None else change.index
                 nodes[(run_id, change.node, change.iteration, idx)] = {
@@ -452,37 +519,41 @@ class SqlStore:
                     "usage": change.usage,
                 }
             elif isinstance(change, RunUpdate):
-                values.update(_run_update(change))
+                run_updates.setdefault(run_id, {}).update(_run_update(change))
+        seq_only = [{"b_id": r, "b_seq": seq} for r, seq in last_seq.items() if r not in run_updates]
+        changed = [(r, {**values, "last_seq": last_seq[r]}) for r, values in run_updates.items()]
+        writes = _Writes(events, list(nodes.values()), seq_only, changed)
 
-        lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
-        async with lock, self._engine.begin() as conn:
-            if not self._sqlite:
-                await conn.execute(self._feed_lock)
-            inserted = await conn.execute(
-                self._insert_events,
-                [
-                    {
-                        "run_id": e.run_id,
-                        "seq": e.seq,
-                        "type": str(e.type),
-                        "graph": e.graph,
-                        "at": e.at,
-                        "data": e.data,
-                    }
-                    for e in events
-                ],
-            )
-            gids = [int(gid) for gid in inserted.scalars().all()]
-            if nodes:
-                await conn.execute(self._upsert_nodes, list(nodes.values()))
-            seq_only = [{"b_id": run_id, "b_seq": v["last_seq"]} for run_id, v in runs.items() if len(v) == 1]
-            if seq_only:
-                await conn.execute(self._set_last_seq, seq_only)
-            for run_id, values in runs.items():
-                if len(values) > 1:
+        if self._writer is not None:
+            async with self._sqlite_lock:
+                gids = await anyio.to_thread.run_sync(self._commit_sync, writes, limiter=self._writer_thread)
+        else:
+            lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
+            async with lock, self._engine.begin() as conn:
+                if not self._sqlite:
+                    await conn.execute(self._feed_lock)
+                gids = [int(gid) for gid in (await conn.execute(self._insert_events, events)).scalars()]
+                if writes.nodes:
+                    await conn.execute(self._upsert_nodes, writes.nodes)
+                if writes.seq_only:
+                    await conn.execute(self._set_last_seq, writes.seq_only)
+                for run_id, values in writes.runs:
                     await conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
-        for e, gid in zip(events, gids, strict=True):
-            e.gid = gid
+        for item, gid in zip(batch, gids, strict=True):
+            item.event.gid = gid
+
+    def _commit_sync(self, writes: _Writes) -> list[int]:
+        """``_commit``'s transaction on the SQLite writer connection (in the writer thread)."""
+        assert self._writer is not None
+        with self._writer.begin() as conn:
+            gids = [int(gid) for gid in conn.execute(self._insert_events, writes.events).scalars()]
+            if writes.nodes:
+                conn.execute(self._upsert_nodes, writes.nodes)
+            if writes.seq_only:
+                conn.execute(self._set_last_seq, writes.seq_only)
+            for run_id, values in writes.runs:
+                conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
+        return gids
 
     async def events(self, run_id: str, after: int = 0, limit: int | None = None) -> list[Event]:
         query = (

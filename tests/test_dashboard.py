@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator
+from html import unescape
 from typing import Any
 
 import httpx
@@ -13,10 +14,12 @@ from litestar.testing import AsyncTestClient
 
 from agents.registry import default_registry
 from server.config import Settings
+from server.events import Event
 from server.graph.fields import ValidationContext
 from server.graph.model import Graph
 from server.graph.parse import build_graph
-from server.web import diagram
+from server.status import EventType
+from server.web import diagram, views
 from tests.conftest import PROMPTS_DIR
 from tests.server_process import running_server
 from tests.sse_client import Frame, read_frames
@@ -44,6 +47,15 @@ WRITER = """
 name: writer
 nodes:
   write: {agent: llm, prompt: "Say something about {{ input.topic }}."}
+"""
+
+FAN = """
+name: fan
+nodes:
+  angles: {agent: template, value: "['tides', 'moons']"}
+  say: {agent: llm, map: outputs.angles, prompt: "Say something about {{ item }}."}
+edges:
+  - {from: angles, to: say}
 """
 
 SLOW = """
@@ -341,7 +353,12 @@ async def test_run_feed_streams_llm_text_without_repeats(client: Client) -> None
     frames = await read_frames(client, f"/ui/runs/{run['id']}/feed", params={"after": 0})
     html = "".join(f.data for f in frames)
     # From the start: the node's text is set whole when it starts (replacing, never appending).
-    assert re.search(r'<pre id="tokens-write" class="tokens" hx-swap-oob="true">[^<]*</pre>', html)
+    assert re.search(
+        r'<div id="live-write" class="live-node" hx-swap-oob="true">\s*<div class="live">.*?'
+        r'<pre id="tokens-write" class="tokens">[^<]*</pre>',
+        html,
+        re.S,
+    )
 
     # From the middle of the stream: only what follows, appended.
     middle = deltas[len(deltas) // 2]["id"]
@@ -356,6 +373,101 @@ async def test_run_feed_streams_llm_text_without_repeats(client: Client) -> None
     # The page rendered at that point holds exactly the text before: together, the whole output.
     assert started < middle
     assert str(output).startswith("".join(e["delta"] for e in deltas if e["id"] <= middle))
+
+
+def boxes(html: str) -> dict[str, str]:
+    """The streamed-text boxes of a page or fragment: each ``<pre>``'s id and (unescaped) text."""
+    return {
+        m.group(1): unescape(m.group(2))
+        for m in re.finditer(r'<pre id="(tokens-[^"]+)" class="tokens">([^<]*)</pre>', html)
+    }
+
+
+async def test_run_page_streams_each_map_item_into_its_own_box(client: Client) -> None:
+    await store_graph(client, FAN)
+    run = await finished_run(client, "fan", {})
+    items = sorted(
+        (n for n in run["nodes"] if n["node"] == "say" and n["index"] is not None), key=lambda n: n["index"]
+    )
+    assert [n["index"] for n in items] == [0, 1]
+    events = (await client.get(f"/runs/{run['id']}/events", headers={"Accept": "application/json"})).json()
+    deltas = {
+        i: "".join(e["delta"] for e in events if e["type"] == "node.delta" and e.get("index") == i)
+        for i in (0, 1)
+    }
+    assert deltas[0]
+    assert deltas[1]
+
+    # The page's first render, from the stored events: one box per item, each with its own text.
+    page = await client.get(f"/ui/runs/{run['id']}")
+    shown = boxes(page.text)
+    assert shown["tokens-say.0"] == deltas[0] == str(items[0]["output"])
+    assert shown["tokens-say.1"] == deltas[1] == str(items[1]["output"])
+    assert not shown.get("tokens-say")  # the mapped node itself streams nothing
+    assert "<h3>say[0]</h3>" in page.text
+    assert "<h3>say[1]</h3>" in page.text
+
+    # The live feed from the start: the node's block comes whole when an item starts (so its box
+    # exists), and every chunk after goes to its own item's box.
+    frames = await read_frames(client, f"/ui/runs/{run['id']}/feed", params={"after": 0})
+    html = "".join(f.data for f in frames)
+    assert '<div id="live-say" class="live-node" hx-swap-oob="true">' in html
+    appended: dict[str, str] = {}
+    for box, chunk in re.findall(r'<pre id="(tokens-say[^"]*)" hx-swap-oob="beforeend">([^<]*)</pre>', html):
+        appended[box] = appended.get(box, "") + unescape(chunk)
+    assert set(appended) <= {"tokens-say.0", "tokens-say.1"}
+
+    # From the middle of the stream, after both items started: only the items' own new text.
+    middle = max(e["id"] for e in events if e["type"] == "node.started" and e.get("index") is not None)
+    frames = await read_frames(client, f"/ui/runs/{run['id']}/feed", params={"after": middle})
+    html = "".join(f.data for f in frames)
+    for i in (0, 1):
+        chunks = re.findall(rf'<pre id="tokens-say\.{i}" hx-swap-oob="beforeend">([^<]*)</pre>', html)
+        expected = "".join(
+            e["delta"]
+            for e in events
+            if e["type"] == "node.delta" and e.get("index") == i and e["id"] > middle
+        )
+        assert unescape("".join(chunks)) == expected
+
+
+def test_live_text_keeps_map_items_apart_and_shows_a_loops_latest_iteration() -> None:
+    def event(seq: int, type: EventType, **data: Any) -> Event:
+        return Event("r", seq, type, "g", data)
+
+    started, delta = EventType.NODE_STARTED, EventType.NODE_DELTA
+    events = [
+        event(1, started, node="say", iteration=0, attempt=1),
+        event(2, started, node="say", index=0, iteration=0, attempt=1),
+        event(3, started, node="say", index=1, iteration=0, attempt=1),
+        event(4, delta, node="say", index=1, delta="Some "),
+        event(5, delta, node="say", index=0, delta="A "),
+        event(6, delta, node="say", index=1, delta="thoughts"),
+        event(7, delta, node="say", index=0, delta="brief"),
+        event(8, started, node="write", iteration=0, attempt=1),
+        event(9, delta, node="write", delta="first draft"),
+        event(10, started, node="write", iteration=1, attempt=1),
+        event(11, delta, node="write", delta="second draft"),
+    ]
+    text = views.live_text(events)
+    say = {b.label: b.text for b in text["say"]}
+    assert say == {"say": "", "say[0]": "A brief", "say[1]": "Some thoughts"}
+    [write] = text["write"]
+    assert (write.text, write.note) == ("second draft", "iteration 2")
+
+    # Live: an item starting in a batch re-renders its node's block with the earlier items' text.
+    html = views.live_update(events[2:5], earlier=events[:2])
+    assert boxes(html) == {"tokens-say": "", "tokens-say.0": "A ", "tokens-say.1": "Some "}
+    assert views.live_history_needed(events[2:5])
+    assert not views.live_history_needed(events[:5])  # the node's own start is in the batch
+    # Chunks of a node that did not start in the batch are appended to their own item's box.
+    html = views.live_update(events[5:7])
+    assert html == (
+        '<pre id="tokens-say.1" hx-swap-oob="beforeend">thoughts</pre>'
+        '<pre id="tokens-say.0" hx-swap-oob="beforeend">brief</pre>'
+    )
+    # A loop's next iteration replaces the node's text.
+    assert boxes(views.live_update(events[9:11])) == {"tokens-write": "second draft"}
 
 
 async def test_runs_feed_rerenders_the_table_when_runs_start_and_finish(live: httpx.AsyncClient) -> None:
@@ -434,3 +546,39 @@ def test_diagram_nodes_carry_their_id_and_status_class() -> None:
     assert '<g id="node-publish" class="node status-pending"' in svg
     assert 'hx-get="/x?a=1&amp;b=2"' in svg
     assert "2 tries" in svg
+
+
+def test_diagram_view_box_holds_every_node_and_edge() -> None:
+    """The SVG scales to its card by its viewBox: every node and every curve must lie inside it."""
+    wide = build("""
+name: wide
+nodes: {a: {agent: template, template: a}, b: {agent: template, template: b},
+        c: {agent: template, template: c}, d: {agent: template, template: d},
+        e: {agent: template, template: e}}
+edges: [{from: a, to: [b, c, d]}, {from: [b, c, d], to: e}, {from: e, to: a, when: "false"},
+        {from: e, to: e, when: "false"}]
+""")
+    for graph in (build(LOOP), wide):
+        svg = diagram.render(graph)
+        found = re.search(r'<svg class="diagram"[^>]* viewBox="([^"]+)"', svg)
+        assert found is not None
+        left, top, width, height = (float(n) for n in found.group(1).split())
+        assert (left, top) == (0, 0)
+        # Scaled to the card's width, never beyond its own size nor below 70% of it (then it scrolls).
+        assert f'style="max-width: {width:g}px; min-width: {width * 0.7:.0f}px"' in svg
+        rects = re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', svg)
+        assert len(rects) == len(graph.nodes)
+        for x, y, w, h in ((float(v) for v in rect) for rect in rects):
+            assert x > 0
+            assert x + w < width
+            assert y > 0
+            assert y + h < height
+        for d in re.findall(r'<path class="edge[^"]*" d="([^"]+)"', svg):
+            # Each edge is one cubic curve: check the points along it.
+            numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", d)]
+            (x0, y0), (x1, y1), (x2, y2), (x3, y3) = zip(numbers[0::2], numbers[1::2], strict=True)
+            for t in (i / 20 for i in range(21)):
+                x = (1 - t) ** 3 * x0 + 3 * (1 - t) ** 2 * t * x1 + 3 * (1 - t) * t**2 * x2 + t**3 * x3
+                y = (1 - t) ** 3 * y0 + 3 * (1 - t) ** 2 * t * y1 + 3 * (1 - t) * t**2 * y2 + t**3 * y3
+                assert 0 <= x <= width, d
+                assert 0 <= y <= height - diagram.PAD / 2, d

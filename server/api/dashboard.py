@@ -21,10 +21,11 @@ from typing import Annotated, Any
 import anyio
 import yaml
 from litestar import MediaType, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter
 from litestar.static_files import create_static_files_router
-from markupsafe import Markup, escape
+from markupsafe import Markup
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.api.events import Frames, _produce_feed, _produce_run, _sse, last_gid
@@ -35,12 +36,21 @@ from server.graph.model import Graph
 from server.status import EventType, RunStatus
 from server.store.base import RunRecord
 from server.web import diagram
-from server.web.views import NodeSummary, input_skeleton, live_text, render, summarize, timeline
+from server.web.views import (
+    NodeSummary,
+    input_skeleton,
+    live_history_needed,
+    live_text,
+    live_update,
+    render,
+    summarize,
+    timeline,
+)
 
 STATIC = Path(__file__).resolve().parents[2] / "web" / "static"
 RUN_EVENTS = (EventType.WORKFLOW_STARTED, EventType.WORKFLOW_FINISHED)
 
-LastEventId = Annotated[str | None, Parameter(header="Last-Event-ID", required=False)]
+LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)]
 
 
 def html(body: str, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response[str]:
@@ -92,7 +102,9 @@ async def runs_table(braid: Braid, graph: str | None, status: RunStatus | None) 
 
 
 @get("/", include_in_schema=False)
-async def runs_page(braid: Braid, graph: str | None = None, status: str | None = None) -> Response[str]:
+async def runs_page(
+    braid: NamedDependency[Braid], graph: FromQuery[str | None] = None, status: FromQuery[str | None] = None
+) -> Response[str]:
     wanted = status_filter(status)
     after = await last_gid(braid.store)  # before the snapshot, so the feed misses nothing after it
     runs = await runs_table(braid, graph, wanted)
@@ -110,10 +122,10 @@ async def runs_page(braid: Braid, graph: str | None = None, status: str | None =
 
 @get("/ui/feed", include_in_schema=False)
 async def runs_feed(
-    braid: Braid,
-    after: str | None = None,
-    graph: str | None = None,
-    status: str | None = None,
+    braid: NamedDependency[Braid],
+    after: FromQuery[str | None] = None,
+    graph: FromQuery[str | None] = None,
+    status: FromQuery[str | None] = None,
     last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     """The runs table, re-rendered whenever a run starts or finishes (ids of ``GET /events``)."""
@@ -198,7 +210,9 @@ async def load_run(braid: Braid, run_id: str) -> RunView:
 
 
 @get("/ui/runs/{run_id:str}", include_in_schema=False)
-async def run_page(braid: Braid, run_id: str, node: str | None = None) -> Response[str]:
+async def run_page(
+    braid: NamedDependency[Braid], run_id: FromPath[str], node: FromQuery[str | None] = None
+) -> Response[str]:
     try:
         view = await load_run(braid, run_id)
     except NotFound:
@@ -210,7 +224,9 @@ async def run_page(braid: Braid, run_id: str, node: str | None = None) -> Respon
 
 
 @get("/ui/runs/{run_id:str}/nodes/{node:str}", include_in_schema=False)
-async def node_panel(braid: Braid, run_id: str, node: str) -> Response[str]:
+async def node_panel(
+    braid: NamedDependency[Braid], run_id: FromPath[str], node: FromPath[str]
+) -> Response[str]:
     try:
         view = await load_run(braid, run_id)
     except NotFound:
@@ -225,7 +241,10 @@ async def node_panel(braid: Braid, run_id: str, node: str) -> Response[str]:
 
 @get("/ui/runs/{run_id:str}/feed", include_in_schema=False)
 async def run_feed(
-    braid: Braid, run_id: str, after: str | None = None, last_event_id: LastEventId = None
+    braid: NamedDependency[Braid],
+    run_id: FromPath[str],
+    after: FromQuery[str | None] = None,
+    last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     """The run's events (ids of ``GET /runs/{id}/events``) as the fragments they change."""
     try:
@@ -248,29 +267,11 @@ async def run_feed(
 
 async def run_message(braid: Braid, run_id: str, events: list[Event]) -> ServerSentEvent:
     """One SSE message for a batch of a run's events: the fragments they change."""
-    parts: list[str] = []
-    restarted: dict[str, str] = {}
-    appended: dict[str, str] = {}
-    for event in events:
-        node = event.data.get("node")
-        if not isinstance(node, str):
-            continue
-        if event.type is EventType.NODE_STARTED and event.data.get("index") is None:
-            restarted[node] = ""
-            appended.pop(node, None)
-        elif event.type is EventType.NODE_DELTA:
-            chunk = str(event.data.get("delta", ""))
-            if node in restarted:
-                restarted[node] += chunk
-            else:
-                appended[node] = appended.get(node, "") + chunk
-    # A node that (re)started gets its text replaced; one that goes on streaming gets it appended.
-    for node, text in restarted.items():
-        parts.append(
-            f'<pre id="tokens-{escape(node)}" class="tokens" hx-swap-oob="true">{escape(text)}</pre>'
-        )
-    for node, text in appended.items():
-        parts.append(f'<pre id="tokens-{escape(node)}" hx-swap-oob="beforeend">{escape(text)}</pre>')
+    # Streamed text: a node that (re)started gets its boxes re-rendered (one per map item, which
+    # may need the run's earlier events); one that goes on streaming gets its text appended.
+    first = events[0].seq if events else 1
+    earlier = await braid.store.events(run_id, 0, first - 1) if live_history_needed(events) else []
+    parts: list[str] = [live_update(events, earlier)]
     lifecycle = [e for e in events if e.type is not EventType.NODE_DELTA]
     if lifecycle:
         view = await load_run(braid, run_id)
@@ -322,7 +323,9 @@ def _event(frame: ServerSentEvent) -> Event:
 
 
 @post("/ui/runs/{run_id:str}/rerun", include_in_schema=False)
-async def rerun(request: Request[Any, Any, Any], braid: Braid, run_id: str) -> Response[str]:
+async def rerun(
+    request: Request[Any, Any, Any], braid: NamedDependency[Braid], run_id: FromPath[str]
+) -> Response[str]:
     """Start a new run of the same graph version with the same input, and go to it."""
     try:
         old = await braid.store.get_run(run_id)
@@ -338,7 +341,7 @@ async def rerun(request: Request[Any, Any, Any], braid: Braid, run_id: str) -> R
 
 
 @get("/ui/graphs", include_in_schema=False)
-async def graphs_page(braid: Braid) -> Response[str]:
+async def graphs_page(braid: NamedDependency[Braid]) -> Response[str]:
     return page(braid, "graphs.html", graphs=await braid.store.list_graphs())
 
 
@@ -362,7 +365,9 @@ async def graph_context(braid: Braid, name: str, version: int | None) -> dict[st
 
 
 @get("/ui/graphs/{name:str}", include_in_schema=False)
-async def graph_page(braid: Braid, name: str, version: int | None = None) -> Response[str]:
+async def graph_page(
+    braid: NamedDependency[Braid], name: FromPath[str], version: FromQuery[int | None] = None
+) -> Response[str]:
     try:
         context = await graph_context(braid, name, version)
     except NotFound:
@@ -374,7 +379,9 @@ async def graph_page(braid: Braid, name: str, version: int | None = None) -> Res
 
 
 @post("/ui/graphs/{name:str}/runs", include_in_schema=False)
-async def start_run(request: Request[Any, Any, Any], braid: Braid, name: str) -> Response[str]:
+async def start_run(
+    request: Request[Any, Any, Any], braid: NamedDependency[Braid], name: FromPath[str]
+) -> Response[str]:
     """Start a run from the graph page's form; the input's problems come back in the form."""
     form = await request.form()
     raw = str(form.get("input") or "").strip() or "{}"

@@ -23,8 +23,9 @@ from typing import Annotated, Any, cast
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from litestar import Response, get
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -330,15 +331,15 @@ def _wants_json(accept: str | None) -> bool:
     return "application/json" in types and "text/event-stream" not in types
 
 
-LastEventId = Annotated[str | None, Parameter(header="Last-Event-ID", required=False)]
-Accept = Annotated[str | None, Parameter(header="Accept", required=False)]
+LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)]
+Accept = Annotated[str | None, HeaderParameter(name="Accept", required=False)]
 
 
 @get("/runs/{run_id:str}/events", summary="A run's events (SSE, or a JSON list)", tags=["runs"])
 async def run_events(
-    braid: Braid,
-    run_id: str,
-    after: Annotated[str | None, Parameter(query="after", required=False)] = None,
+    braid: NamedDependency[Braid],
+    run_id: FromPath[str],
+    after: Annotated[str | None, QueryParameter(name="after", required=False)] = None,
     last_event_id: LastEventId = None,
     accept: Accept = None,
 ) -> ASGIApp:
@@ -359,12 +360,12 @@ async def run_events(
 
 @get("/events", summary="Every run's lifecycle events (SSE)", tags=["runs"])
 async def feed(
-    braid: Braid,
-    after: Annotated[str | None, Parameter(query="after", required=False)] = None,
+    braid: NamedDependency[Braid],
+    after: Annotated[str | None, QueryParameter(name="after", required=False)] = None,
     last_event_id: LastEventId = None,
-    graph: Annotated[str | None, Parameter(query="graph", required=False)] = None,
-    deltas: Annotated[bool, Parameter(query="deltas", required=False)] = False,
-    replay: Annotated[str | None, Parameter(query="replay", required=False)] = None,
+    graph: Annotated[str | None, QueryParameter(name="graph", required=False)] = None,
+    deltas: Annotated[bool, QueryParameter(name="deltas", required=False)] = False,
+    replay: Annotated[str | None, QueryParameter(name="replay", required=False)] = None,
 ) -> EventSourceResponse:
     """All runs' events (no ``node.delta`` unless ``?deltas=true``; ``?graph=`` filters), ``id``
     being the global id. Resume with ``Last-Event-ID`` or ``?after=N``; without a cursor the feed
@@ -375,7 +376,7 @@ async def feed(
 
 
 @get("/debug/subscribers", include_in_schema=False)
-async def debug_subscribers(braid: Braid) -> dict[str, int]:
+async def debug_subscribers(braid: NamedDependency[Braid]) -> dict[str, int]:
     """Live bus subscribers and asyncio tasks of this process (tests check nothing leaks)."""
     count: Any = getattr(braid.bus, "subscriber_count", -1)
     if callable(count):

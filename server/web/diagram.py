@@ -17,11 +17,12 @@ from server.graph.model import Edge, Graph
 from server.status import NodeStatus
 
 NODE_WIDTH = 150
-NODE_HEIGHT = 46
-COLUMN_GAP = 70
-ROW_GAP = 26
+NODE_HEIGHT = 54
+COLUMN_GAP = 52
+ROW_GAP = 24
 PAD = 16
-LOOP_DEPTH = 34
+LOOP_DEPTH = 26  # how far below the lowest node a loop's curve passes (then 10 more per loop)
+MIN_SCALE = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class Box:
     level: int
     x: float
     y: float
+    mapped: bool = False
 
     @property
     def cx(self) -> float:
@@ -113,12 +115,13 @@ def layout(graph: Graph) -> Layout:
                 level=index,
                 x=PAD + index * (NODE_WIDTH + COLUMN_GAP),
                 y=top + i * (NODE_HEIGHT + ROW_GAP),
+                mapped=graph.nodes[node].map is not None,
             )
     bottom = PAD + inner_height
     loops = [e for e in graph.edges if e.back]
     paths = [_route(e, boxes, bottom, loops.index(e) if e.back else 0) for e in graph.edges]
     width = 2 * PAD + len(columns) * NODE_WIDTH + max(len(columns) - 1, 0) * COLUMN_GAP
-    height = bottom + PAD + (LOOP_DEPTH + 10 * len(loops) if loops else 0)
+    height = bottom + PAD + (LOOP_DEPTH + 10 * (len(loops) - 1) if loops else 0)
     return Layout(boxes=boxes, paths=paths, width=width, height=height, levels=columns)
 
 
@@ -134,7 +137,10 @@ def _route(edge: Edge, boxes: Mapping[str, Box], bottom: float, loop_index: int)
     # A loop leaves the bottom of its source and comes back to the bottom of its target, curving
     # under every node so it never hides one.
     y1, y2 = s.y + NODE_HEIGHT, t.y + NODE_HEIGHT
-    depth = bottom + LOOP_DEPTH + 10 * loop_index
+    # Its lowest point (at t = 1/2 of the cubic: 1/8 of each end, 3/4 of the control points' depth)
+    # lies LOOP_DEPTH under the lowest node, however high its own nodes are.
+    lowest = bottom + LOOP_DEPTH + 10 * loop_index
+    depth = round((lowest - (y1 + y2) / 8) / 0.75, 1)
     if edge.source == edge.target:
         x1, x2 = s.cx + 20, s.cx - 20
     else:
@@ -143,19 +149,32 @@ def _route(edge: Edge, boxes: Mapping[str, Box], bottom: float, loop_index: int)
     return Path(edge.source, edge.target, d, True, when)
 
 
-def node_svg(box: Box, view: NodeView, attrs: Mapping[str, str] | None = None) -> Markup:
-    """One node's ``<g>``: the fragment swapped live (inside an ``<svg>`` wrapper) by its id."""
+def node_svg(box: Box, view: NodeView | None, attrs: Mapping[str, str] | None = None) -> Markup:
+    """One node's ``<g>``: the fragment swapped live (inside an ``<svg>`` wrapper) by its id.
+    Without a ``view`` (a graph, not a run) it shows the node's kind, and whether it maps."""
+    second = f"{box.kind} · map" if box.mapped else box.kind
+    if view is None:
+        view = NodeView()
+    else:
+        second = f"{box.kind} · {view.status}"
     extra = "".join(f' {escape(k)}="{escape(v)}"' for k, v in (attrs or {}).items())
     note = f" · {view.note}" if view.note else ""
+    # Two lines (the id, then its kind and status) or, with a note (iterations, tries, items),
+    # three: the note on its own line, so that no line runs out of the box.
+    lines = [(box.id, "label", 18), (second, "kind", 26)]
+    if view.note:
+        lines.append((view.note, "kind note", 26))
+    baselines = (23, 39) if len(lines) == 2 else (17, 32, 46)
+    texts = "".join(
+        f'<text class="{cls}" x="{box.cx:g}" y="{box.y + baseline:g}">{escape(_clip(text, size))}</text>'
+        for (text, cls, size), baseline in zip(lines, baselines, strict=True)
+    )
     return Markup(
         f'<g id="node-{escape(box.id)}" class="node status-{escape(view.status)}" '
         f'data-node="{escape(box.id)}" data-status="{escape(view.status)}"{extra}>'
         f"<title>{escape(box.id)} ({escape(box.kind)}): {escape(view.status)}{escape(note)}</title>"
         f'<rect x="{box.x:g}" y="{box.y:g}" width="{NODE_WIDTH}" height="{NODE_HEIGHT}" rx="8"></rect>'
-        f'<text class="label" x="{box.cx:g}" y="{box.y + 20:g}">{escape(_clip(box.id, 18))}</text>'
-        f'<text class="kind" x="{box.cx:g}" y="{box.y + 36:g}">'
-        f"{escape(box.kind)} · {escape(view.status)}{escape(note)}</text>"
-        "</g>"
+        f"{texts}</g>"
     )
 
 
@@ -165,12 +184,15 @@ def render(
     node_attrs: Mapping[str, Mapping[str, str]] | None = None,
     the_layout: Layout | None = None,
 ) -> Markup:
-    """The whole diagram as an ``<svg>`` element, nodes coloured by ``views`` (default pending)."""
+    """The whole diagram as an ``<svg>`` element, nodes coloured by ``views`` (a run's: a node
+    missing from them is pending), or plain without (a graph's)."""
     plan = the_layout or layout(graph)
-    views = views or {}
+    # The viewBox holds the whole drawing, so CSS may scale it to its card: down to MIN_SCALE of
+    # its size (never up), below which the card scrolls sideways rather than shrink the text.
     parts = [
         '<svg class="diagram" xmlns="http://www.w3.org/2000/svg" '
         f'viewBox="0 0 {plan.width:g} {plan.height:g}" width="{plan.width:g}" height="{plan.height:g}" '
+        f'style="max-width: {plan.width:g}px; min-width: {plan.width * MIN_SCALE:.0f}px" '
         'role="img" '
         f'aria-label="graph {escape(graph.name)}">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
@@ -185,7 +207,8 @@ def render(
             f"<title>{escape(label)}</title></path>"
         )
     for node_id, box in plan.boxes.items():
-        parts.append(node_svg(box, views.get(node_id, NodeView()), (node_attrs or {}).get(node_id)))
+        view = None if views is None else views.get(node_id, NodeView())
+        parts.append(node_svg(box, view, (node_attrs or {}).get(node_id)))
     parts.append("</svg>")
     return Markup("".join(parts))
 

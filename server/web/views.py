@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +49,7 @@ class NodeSummary:
             parts.append(f"{self.attempts} tries")
         if self.items:
             parts.append(f"{self.items} items")
-        return " ".join(parts)
+        return " · ".join(parts)
 
     @property
     def view(self) -> diagram.NodeView:
@@ -136,18 +136,121 @@ def timeline(run: RunRecord, executions: list[NodeExecution], now: datetime | No
     return list(lanes.values())
 
 
-def live_text(events: Iterable[Event]) -> dict[str, str]:
-    """Each node's streamed text since its latest start (what ``node.delta`` events carried)."""
-    text: dict[str, str] = {}
+@dataclass(slots=True)
+class LiveBox:
+    """The text one execution streamed since its latest start: a node's, or one map item's
+    (``index``). A retry or a loop's next iteration starts it afresh."""
+
+    node: str
+    index: int | None = None
+    iteration: int = 0
+    attempt: int = 1
+    text: str = ""
+
+    @property
+    def id(self) -> str:
+        """The ``<pre>``'s id (the dot cannot be in a node id, so an item's never clashes)."""
+        return box_id(self.node, self.index)
+
+    @property
+    def label(self) -> str:
+        return self.node if self.index is None else f"{self.node}[{self.index}]"
+
+    @property
+    def note(self) -> str:
+        parts: list[str] = []
+        if self.iteration:
+            parts.append(f"iteration {self.iteration + 1}")
+        if self.attempt > 1:
+            parts.append(f"attempt {self.attempt}")
+        return " · ".join(parts)
+
+
+def box_id(node: str, index: int | None) -> str:
+    return f"tokens-{node}" if index is None else f"tokens-{node}.{index}"
+
+
+def _index(event: Event) -> int | None:
+    index = event.data.get("index")
+    return index if isinstance(index, int) else None
+
+
+def live_text(events: Iterable[Event]) -> dict[str, list[LiveBox]]:
+    """Each node's streamed text (what ``node.delta`` events carried), one box per map item,
+    each since its latest start. A node's start (``index`` none: its retry, its next loop
+    iteration, or a map's start) clears all its boxes; an item's start clears that item's."""
+    boxes: dict[str, dict[int | None, LiveBox]] = {}
     for event in events:
         node = event.data.get("node")
         if not isinstance(node, str):
             continue
-        if event.type is EventType.NODE_STARTED and event.data.get("index") is None:
-            text[node] = ""
+        index = _index(event)
+        if event.type is EventType.NODE_STARTED:
+            iteration, attempt = event.data.get("iteration"), event.data.get("attempt")
+            box = LiveBox(
+                node,
+                index,
+                iteration if isinstance(iteration, int) else 0,
+                attempt if isinstance(attempt, int) else 1,
+            )
+            if index is None:
+                boxes[node] = {None: box}
+            else:
+                boxes.setdefault(node, {})[index] = box
         elif event.type is EventType.NODE_DELTA:
-            text[node] = text.get(node, "") + str(event.data.get("delta", ""))
-    return text
+            mine = boxes.setdefault(node, {})
+            box = mine.get(index) or mine.setdefault(index, LiveBox(node, index))
+            box.text += str(event.data.get("delta", ""))
+    return {
+        node: sorted(mine.values(), key=lambda b: -1 if b.index is None else b.index)
+        for node, mine in boxes.items()
+    }
+
+
+def live_history_needed(events: Sequence[Event]) -> bool:
+    """Whether ``live_update`` needs the run's earlier events for this batch: when a map item
+    starts in it without its node's start before (the node's other items have text so far)."""
+    fresh: set[str] = set()
+    for event in events:
+        node = event.data.get("node")
+        if event.type is not EventType.NODE_STARTED or not isinstance(node, str):
+            continue
+        if _index(event) is None:
+            fresh.add(node)
+        elif node not in fresh:
+            return True
+    return False
+
+
+def live_update(events: Sequence[Event], earlier: Iterable[Event] = ()) -> Markup:
+    """The streamed-text fragments (out of band) for one batch of a run's events, in order
+    without gaps. A node that (re)started in the batch gets its block re-rendered whole, with a
+    box per item (from ``earlier``, the run's events before the batch, when
+    ``live_history_needed``); every other node's new text is appended to its box."""
+    if not events:
+        return Markup("")
+    restarted = list(
+        dict.fromkeys(
+            node
+            for e in events
+            if e.type is EventType.NODE_STARTED and isinstance(node := e.data.get("node"), str)
+        )
+    )
+    parts: list[str] = []
+    if restarted:
+        first = events[0].seq
+        text = live_text([*(e for e in earlier if e.seq < first), *events])
+        for node in restarted:
+            parts.append(render("_live_node.html", node=node, boxes=text.get(node, []), oob=True))
+    appended: dict[str, str] = {}
+    for event in events:
+        node = event.data.get("node")
+        if event.type is EventType.NODE_DELTA and isinstance(node, str) and node not in restarted:
+            key = box_id(node, _index(event))
+            appended[key] = appended.get(key, "") + str(event.data.get("delta", ""))
+    for key, chunk in appended.items():
+        parts.append(str(Markup('<pre id="{}" hx-swap-oob="beforeend">{}</pre>').format(key, chunk)))
+    return Markup("".join(parts))
 
 
 def input_skeleton(schema: dict[str, Any] | None) -> str:

@@ -475,6 +475,7 @@ class LocalServer:
         config = uvicorn.Config(
             self.app,
             log_config=None,
+            log_level="warning",  # the host server already says it started
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=2,

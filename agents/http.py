@@ -63,6 +63,7 @@ async def http(config: HTTPConfig, ctx: NodeContext) -> Any:
     url = str(ctx.render(config.url)).strip()
     headers = {str(k): str(v) for k, v in ctx.render(config.headers).items()} if config.headers else None
     where = f"HTTP {config.method} {_shown(url)}"
+    ctx.note(method=config.method, url=_shown(url))
     try:
         response = await client.request(
             config.method,

@@ -114,10 +114,14 @@ class LLMConfig(AgentConfig):
 async def llm(config: LLMConfig, ctx: NodeContext) -> Any:
     """Call the model and return its text, or its JSON when ``output`` asks for JSON."""
     client, model, base_url = ctx.resources.get(LLMClients).resolve(config.model)
+    system = str(ctx.render(config.system_template)) if config.system_template is not None else None
+    prompt = str(ctx.render(config.prompt_template))
+    # Noted before the call, so a failing call still shows what was sent.
+    ctx.note(model=model, base_url=base_url, system=system, prompt=prompt)
     messages: list[dict[str, str]] = []
-    if config.system_template is not None:
-        messages.append({"role": "system", "content": str(ctx.render(config.system_template))})
-    messages.append({"role": "user", "content": str(ctx.render(config.prompt_template))})
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": prompt})
 
     params: dict[str, Any] = {"model": model, "messages": messages}
     if config.temperature is not None:

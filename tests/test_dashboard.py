@@ -208,6 +208,35 @@ async def test_node_panel_shows_output_attempts_and_duration(client: Client) -> 
     assert (await client.get(f"/ui/runs/{run['id']}/nodes/nope")).status_code == 404
 
 
+async def test_node_panel_shows_the_input_context_and_the_rendered_prompt(client: Client) -> None:
+    await store_graph(client, WRITER)
+    run = await finished_run(client, "writer", {"topic": "tides"})
+
+    panel = await client.get(f"/ui/runs/{run['id']}/nodes/write")
+    assert panel.status_code == 200
+    text = unescape(panel.text)
+    assert "<h3>Input context</h3>" in text
+    assert '<dt>input</dt><dd><code>{"topic": "tides"}</code></dd>' in text
+    assert "<h3>Rendered prompt</h3>" in text
+    assert '<pre class="prompt">Say something about tides.</pre>' in text
+    assert "<h3>System</h3>" not in text  # the node has no system message
+    assert text.index("Rendered prompt") < text.index("<h3>Output</h3>")
+    # The page opened with the node selected shows the same.
+    page = await client.get(f"/ui/runs/{run['id']}", params={"node": "write"})
+    assert "Say something about tides." in unescape(page.text)
+
+
+async def test_node_panel_of_a_map_shows_an_items_prompt_and_item(client: Client) -> None:
+    await store_graph(client, FAN)
+    run = await finished_run(client, "fan", {})
+
+    text = unescape((await client.get(f"/ui/runs/{run['id']}/nodes/say")).text)
+    item = re.search(r'<dt>item \[(\d)\]</dt><dd><code>"(\w+)"</code></dd>', text)
+    assert item is not None
+    assert f'<pre class="prompt">Say something about {item.group(2)}.</pre>' in text
+    assert ["tides", "moons"][int(item.group(1))] == item.group(2)
+
+
 async def test_missing_run_and_graph_get_a_404_page(client: Client) -> None:
     for url in ("/ui/runs/no-such-run", "/ui/graphs/no-such-graph"):
         page = await client.get(url)

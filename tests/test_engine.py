@@ -928,6 +928,38 @@ async def test_agents_get_a_copy_of_the_outputs() -> None:
     assert update.output == {"x": 1}
 
 
+@pytest.mark.anyio
+async def test_details_an_agent_notes_go_out_with_the_node_events() -> None:
+    class NoteConfig(AgentConfig):
+        fail_first: bool = False
+
+    @agent("noting", config=NoteConfig)
+    async def noting(config: NoteConfig, ctx: NodeContext) -> Any:
+        ctx.note(prompt="x" if ctx.attempt == 1 else f"x{ctx.attempt}")
+        if config.fail_first and ctx.attempt == 1:
+            raise NodeError("try again", retryable=True)
+        return ctx.node
+
+    registry = Registry([echo.__braid_agent__, noting.__braid_agent__])  # type: ignore[attr-defined]
+    spec: dict[str, Any] = {
+        "name": "test",
+        "defaults": {"retry": FAST_RETRY, "timeout": 30},
+        "nodes": {
+            "a": {"agent": "noting"},
+            "b": {"agent": "noting", "fail_first": True},
+            "c": {"agent": "echo"},
+        },
+        "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}],
+    }
+    update, rec = await run_graph(build_graph(spec, registry))
+    assert update.status == RunStatus.SUCCEEDED
+    assert node_events(rec, EventType.NODE_COMPLETED, "a")[0].data["details"] == {"prompt": "x"}
+    (retrying,) = node_events(rec, EventType.NODE_RETRYING, "b")
+    assert retrying.data["details"] == {"prompt": "x"}
+    assert node_events(rec, EventType.NODE_COMPLETED, "b")[0].data["details"] == {"prompt": "x2"}
+    assert "details" not in node_events(rec, EventType.NODE_COMPLETED, "c")[0].data
+
+
 # --- resume ------------------------------------------------------------------------------------
 
 

@@ -294,3 +294,39 @@ async def test_the_engine_re_asks_after_a_reply_that_fails_the_schema(
     assert completed.data["attempts"] == 2
     assert completed.data["output"] == {"approved": False, "notes": "shorter"}
     assert len(server.requests) == 2
+    sent = {"model": "gpt-4o-mini", "base_url": server.base_url, "system": None, "prompt": "Review draft"}
+    assert completed.data["details"] == sent
+    assert retrying.data["details"] == sent
+
+
+async def test_a_failed_call_still_shows_what_was_sent(server: ScriptedLLM, clients: LLMClients) -> None:
+    from agents.registry import default_registry
+    from server.engine import Engine, MemoryRecorder
+    from server.engine.records import RunInfo
+    from server.graph.parse import build_graph
+    from server.status import EventType, RunStatus
+
+    spec = {
+        "name": "ask",
+        "nodes": {
+            "ask": {"agent": "llm", "system": "Be {{ input.tone }}.", "prompt": "About {{ input.topic }}"}
+        },
+    }
+    graph = build_graph(spec, default_registry(), ValidationContext())
+    server.push(Reply(status=401, message="Incorrect API key provided"))
+    recorder = MemoryRecorder()
+
+    await Engine(Resources(clients)).run(
+        graph, RunInfo("run-1", "ask", 1, {"tone": "brief", "topic": "tides"}), recorder
+    )
+
+    assert recorder.run is not None
+    assert recorder.run.status == RunStatus.FAILED
+    [failed] = [e for e in recorder.events if e.type == EventType.NODE_FAILED]
+    assert "401 Unauthorized" in failed.data["error"]
+    assert failed.data["details"] == {
+        "model": "gpt-4o-mini",
+        "base_url": server.base_url,
+        "system": "Be brief.",
+        "prompt": "About tides",
+    }

@@ -37,11 +37,13 @@ from server.status import EventType, RunStatus
 from server.store.base import RunRecord
 from server.web import diagram
 from server.web.views import (
+    NodeInputs,
     NodeSummary,
     input_skeleton,
     live_history_needed,
     live_text,
     live_update,
+    node_inputs,
     render,
     summarize,
     timeline,
@@ -181,6 +183,10 @@ class RunView:
         views = {node: summary.view for node, summary in self.nodes.items()}
         return diagram.render(self.graph, views, attrs, self.plan)
 
+    def inputs(self, node: str, events: list[Event]) -> NodeInputs:
+        """What ``node``'s latest attempt was given and sent, for its panel."""
+        return node_inputs(self.run, self.graph, self.nodes, node, events)
+
     def node_fragments(self, nodes: list[str]) -> Markup:
         """The diagram's nodes as out-of-band swaps (wrapped in ``<svg>`` so they parse as SVG)."""
         if self.plan is None:
@@ -220,7 +226,10 @@ async def run_page(
     # The streamed text up to the run's last event as read above: the feed sends what follows.
     events = [e for e in await braid.store.events(run_id) if e.seq <= view.run.last_seq]
     selected = view.nodes.get(node) if node else None
-    return page(braid, "run.html", view=view, run=view.run, text=live_text(events), selected=selected)
+    inputs = view.inputs(selected.id, events) if selected is not None else None
+    return page(
+        braid, "run.html", view=view, run=view.run, text=live_text(events), selected=selected, inputs=inputs
+    )
 
 
 @get("/ui/runs/{run_id:str}/nodes/{node:str}", include_in_schema=False)
@@ -234,9 +243,10 @@ async def node_panel(
     if node not in view.nodes:
         return not_found(braid, f"Run {run_id} has no node {node}.")
     selected = view.nodes[node]
-    return html(
-        render("_node_panel.html", braid=braid, view=view, run=view.run, selected=selected, oob=False)
-    )
+    events = [e for e in await braid.store.events(run_id) if e.seq <= view.run.last_seq]
+    inputs = view.inputs(node, events)
+    context = {"braid": braid, "view": view, "run": view.run, "selected": selected, "inputs": inputs}
+    return html(render("_node_panel.html", **context, oob=False))
 
 
 @get("/ui/runs/{run_id:str}/feed", include_in_schema=False)

@@ -59,6 +59,8 @@ class NodeContext:
     index: int | None = None
     _emit_delta: Callable[[str], Awaitable[None]] | None = None
     usage: dict[str, int] = field(default_factory=dict[str, int])
+    details: dict[str, Any] = field(default_factory=dict[str, Any])
+    """What ``note`` recorded: goes out as ``details`` in this attempt's node event."""
 
     def render(self, tree: TemplateTree) -> Any:
         """Render a compiled template (or a JSON value of templates) with this node's variables."""
@@ -76,3 +78,9 @@ class NodeContext:
         """Add token usage for this attempt (summed into the node's and the run's usage)."""
         for key, value in usage.items():
             self.usage[key] = self.usage.get(key, 0) + int(value)
+
+    def note(self, **values: Any) -> None:
+        """Record details of this attempt shown to users (e.g. the rendered prompt); plain JSON
+        data. They go out as ``details`` in the node's ``node.completed``, ``node.failed`` or
+        ``node.retrying`` event; a later note of the same name replaces the earlier one."""
+        self.details.update(values)

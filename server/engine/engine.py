@@ -167,6 +167,18 @@ def json_data(value: Any, path: str) -> Any:
     raise NodeError(f"{path} is a {type(value).__name__}, not JSON data{hint}")
 
 
+def _json_details(values: Mapping[str, Any]) -> dict[str, Any]:
+    """An attempt's ``details`` (``NodeContext.note``) as JSON data; a value that is not JSON data
+    is shown as its ``repr`` rather than failing the node over what is only shown to users."""
+    details: dict[str, Any] = {}
+    for key, value in values.items():
+        try:
+            details[key] = json_data(value, f"details.{key}")
+        except NodeError:
+            details[key] = repr(value)
+    return details
+
+
 def _snapshot(ex: NodeExecution) -> NodeExecution:
     """What is recorded of ``ex`` now (the engine goes on changing ``ex``; outputs never change)."""
     return NodeExecution(
@@ -302,6 +314,8 @@ class _Run:
             ):
                 self.replay[ex.key] = ex
         self.outputs: dict[str, Any] = {}
+        # The latest attempt's ``details`` per execution key, until its ending event takes them.
+        self.details: dict[tuple[str, int, int | None], dict[str, Any]] = {}
         self.iteration = dict.fromkeys(graph.nodes, 0)
         self.phase = dict.fromkeys(graph.nodes, _PENDING)
         self.resolved: dict[str, dict[int, bool]] = {n: {} for n in graph.nodes}
@@ -602,7 +616,7 @@ class _Run:
         ex.finished_at = utcnow()
         if leaf:
             add_usage(self.usage, ex.usage)
-        data = {"node": node.id, "error": error, "iteration": ex.iteration}
+        data = self.with_details({"node": node.id, "error": error, "iteration": ex.iteration}, ex)
         if node.on_error == "continue":
             ex.output = {"error": error}
             decision = self.decide(node.id, ex.output, lenient=True)
@@ -624,7 +638,15 @@ class _Run:
         data: dict[str, Any] = {"node": ex.node, "error": ex.error, "iteration": ex.iteration}
         if ex.index is not None:
             data["index"] = ex.index
-        await self.emit(EventType.NODE_FAILED, data, _snapshot(ex))
+        await self.emit(EventType.NODE_FAILED, self.with_details(data, ex), _snapshot(ex))
+
+    def with_details(self, data: dict[str, Any], ex: NodeExecution, *, keep: bool = False) -> dict[str, Any]:
+        """``data`` plus ``details`` of the latest attempt of ``ex``, if it noted any; taken out
+        of the run's keeping unless ``keep`` (another attempt follows)."""
+        details = self.details.get(ex.key) if keep else self.details.pop(ex.key, None)
+        if details:
+            data["details"] = details
+        return data
 
     def completed_data(self, ex: NodeExecution) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -637,7 +659,7 @@ class _Run:
         }
         if ex.index is not None:
             data["index"] = ex.index
-        return data
+        return self.with_details(data, ex)
 
     async def attempts(self, node: Node, ex: NodeExecution, item: Any = None) -> Any:
         """Run the agent until an attempt succeeds, retrying what is retryable; the last failure
@@ -685,6 +707,10 @@ class _Run:
             finally:
                 if ctx.usage:
                     ex.usage = add_usage(ex.usage or {}, ctx.usage)
+                if ctx.details:
+                    self.details[ex.key] = _json_details(ctx.details)
+                else:
+                    self.details.pop(ex.key, None)
 
         async def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -697,7 +723,9 @@ class _Run:
                 "error": error,
                 "delay": state.upcoming_sleep,
             }
-            await self.emit(EventType.NODE_RETRYING, tagged(data), _snapshot(ex))
+            await self.emit(
+                EventType.NODE_RETRYING, self.with_details(tagged(data), ex, keep=True), _snapshot(ex)
+            )
 
         # The first attempt runs directly: tenacity (costly to set up) comes in only after a
         # retryable failure, which it takes as its own first attempt, so the attempt numbers,
@@ -787,7 +815,7 @@ class _Run:
                     if node.on_error == "continue":
                         ex.output = results[index] = {"error": error}
                     data = {"node": node.id, "error": error, "iteration": ex.iteration, "index": index}
-                    await self.emit(EventType.NODE_FAILED, data, _snapshot(ex))
+                    await self.emit(EventType.NODE_FAILED, self.with_details(data, ex), _snapshot(ex))
                     if node.on_error != "continue":
                         failures.append(f"item {index}: {error}")
                         siblings.cancel()

@@ -15,6 +15,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 
 from server.engine.records import NodeExecution, Usage
+from server.errors import ExpressionError
 from server.events import Event, utcnow
 from server.graph.model import Graph
 from server.status import EventType, NodeStatus, RunStatus
@@ -253,6 +254,79 @@ def live_update(events: Sequence[Event], earlier: Iterable[Event] = ()) -> Marku
     return Markup("".join(parts))
 
 
+ATTEMPT_EVENTS = (EventType.NODE_COMPLETED, EventType.NODE_FAILED, EventType.NODE_RETRYING)
+"""The events that carry an attempt's ``details`` (what its agent noted with ``ctx.note``)."""
+
+
+@dataclass(slots=True)
+class NodeInputs:
+    """What a node's latest attempt was given and sent: the run input, its map item (for a map
+    node), and the ``details`` its agent noted (the rendered prompt and system message, the model,
+    the request...), taken from the run's events."""
+
+    input: Any = None
+    index: int | None = None
+    item: Any = None
+    has_item: bool = False
+    details: dict[str, Any] = field(default_factory=dict[str, Any])
+
+    @property
+    def prompt(self) -> Any:
+        return self.details.get("prompt")
+
+    @property
+    def system(self) -> Any:
+        return self.details.get("system")
+
+    @property
+    def other(self) -> dict[str, Any]:
+        """The details other than the prompt and the system message (model, url...)."""
+        return {k: v for k, v in self.details.items() if k not in ("prompt", "system") and v is not None}
+
+
+def node_inputs(
+    run: RunRecord, graph: Graph | None, nodes: dict[str, NodeSummary], node: str, events: Iterable[Event]
+) -> NodeInputs:
+    """The inputs of ``node``'s latest attempt that noted details (since the node's latest start:
+    a retry, a loop's next pass or a map's start shows only what came after it). A map item's
+    item is the node's ``map`` expression evaluated again with the nodes' latest outputs, as the
+    store has no copy of it; left out if that fails."""
+    inputs = NodeInputs(input=run.input)
+    latest: Event | None = None
+    for event in events:
+        if event.data.get("node") != node:
+            continue
+        if event.type is EventType.NODE_STARTED and _index(event) is None:
+            latest = None
+        elif event.type in ATTEMPT_EVENTS and isinstance(event.data.get("details"), dict):
+            latest = event
+    if latest is None:
+        return inputs
+    inputs.details = dict(latest.data["details"])
+    inputs.index = _index(latest)
+    spec = graph.nodes.get(node) if graph is not None else None
+    if inputs.index is not None and spec is not None and spec.map is not None:
+        iteration = latest.data.get("iteration")
+        outputs = {
+            n: s.output for n, s in nodes.items() if s.status is NodeStatus.SUCCEEDED or s.output is not None
+        }
+        variables = {
+            "input": run.input,
+            "outputs": outputs,
+            "run": {"id": run.id, "graph": run.graph, "version": run.version},
+            "iteration": iteration if isinstance(iteration, int) else 0,
+            "env": {},
+        }
+        try:
+            items = spec.map.evaluate(variables)
+        except ExpressionError:
+            return inputs
+        if isinstance(items, list | tuple) and inputs.index < len(items):
+            seq: list[Any] | tuple[Any, ...] = items
+            inputs.item, inputs.has_item = seq[inputs.index], True
+    return inputs
+
+
 def input_skeleton(schema: dict[str, Any] | None) -> str:
     """A starting JSON input for the start form, from the graph's input schema."""
     if not schema or schema.get("type") != "object":
@@ -310,6 +384,12 @@ def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
 
+def compact(value: Any, limit: int = 400) -> str:
+    """JSON on one line, cut at ``limit`` characters: a value shown in passing."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def run_elapsed(run: RunRecord) -> int | None:
     if run.duration_ms is not None:
         return run.duration_ms
@@ -328,7 +408,7 @@ def environment(directory: Path = TEMPLATES) -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(duration=duration, tokens=tokens, when=when, pretty=pretty)
+    env.filters.update(duration=duration, tokens=tokens, when=when, pretty=pretty, compact=compact)
     extra: dict[str, Any] = {
         "RunStatus": RunStatus,
         "NodeStatus": NodeStatus,

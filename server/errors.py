@@ -51,6 +51,11 @@ class Conflict(BraidError):
     """The request conflicts with the current state (a name taken, a run already ended)."""
 
 
+class Unavailable(BraidError):
+    """A service Braid needs (Redis) cannot be reached right now; the same request may succeed
+    shortly."""
+
+
 # --- runtime errors ----------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from agents.registry import Registry
 from server.bus.base import EventBus
 from server.engine.context import Resources
 from server.engine.engine import Engine, RunHandle
-from server.engine.records import NodeExecution, RunInfo, RunUpdate
+from server.engine.records import NodeExecution, RunInfo, RunState, RunUpdate
 from server.errors import NotFound, ValidationFailed
 from server.events import Event, utcnow
 from server.graph.fields import ValidationContext
@@ -214,7 +214,7 @@ class Runner:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat, delivery)
                 try:
-                    await self.execute(delivery.run_id)
+                    await self._execute_through_outages(delivery.run_id)
                 finally:
                     tg.cancel_scope.cancel()
             await delivery.ack()
@@ -223,6 +223,25 @@ class Runner:
             log.exception("run %s: execution failed; it will be retried", delivery.run_id)
         finally:
             limiter.release()
+
+    async def _execute_through_outages(self, run_id: str) -> None:
+        """``execute``, holding the run while the database is unreachable: a failure while the
+        store does not answer its ping is an outage, not a dying worker, so the run keeps its
+        message (the heartbeat goes on) and resumes once the store answers again, rather than
+        being redelivered until it counts as undeliverable (``MAX_DELIVERIES``)."""
+        while True:
+            try:
+                await self.execute(run_id)
+                return
+            except Exception as exc:
+                if await self.store.ping():
+                    raise  # the database is there: a failure of its own, for redelivery
+                log.warning("run %s: the database is unreachable (%s); holding the run", run_id, exc)
+            failures = 0
+            while not await self.store.ping():
+                failures += 1
+                await anyio.sleep(min(self.backoff_cap, 0.1 * 2 ** min(failures, 16)))
+            log.info("run %s: the database is back; resuming the run", run_id)
 
     async def _heartbeat(self, delivery: Delivery) -> None:
         while True:
@@ -245,7 +264,11 @@ class Runner:
                 self.publisher, self.store, run_id, RunStatus.FAILED, f"cannot run: {exc}"
             )
             return None
-        state = await self.store.run_state(run_id)
+        if run.status is RunStatus.QUEUED and run.last_seq == 0:
+            # A fresh run: no event yet, so no node execution either (they are written together).
+            state = RunState(last_seq=0, started=False, executions=[])
+        else:
+            state = await self.store.run_state(run_id)
         handle = RunHandle()
         self.handles[run_id] = handle
         if run_id in self._cancelled:

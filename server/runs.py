@@ -4,18 +4,21 @@ Braid process, whatever the deployment mode."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import anyio
 from jsonschema import Draft202012Validator
 
 from server.bus.base import EventBus, SubscriberTooSlow
-from server.errors import Conflict, Problem, ValidationFailed
+from server.errors import Conflict, Problem, Unavailable, ValidationFailed
 from server.graph.model import Graph
 from server.queue.base import RunQueue
 from server.runner import GraphCache, Publisher, finish_without_engine
 from server.status import EventType, RunStatus
 from server.store.base import RunRecord, Store
+
+log = logging.getLogger("braid.runs")
 
 
 def input_problems(graph: Graph, value: Any) -> list[Problem]:
@@ -43,18 +46,37 @@ class Runs:
         self.publisher = Publisher(store, bus)
 
     async def start(
-        self, graph_name: str, input: Any, *, version: int | None = None, idempotency_key: str | None = None
+        self,
+        graph_name: str,
+        input: Any,
+        *,
+        version: int | None = None,
+        idempotency_key: str | None = None,
+        dispatch: bool = True,
     ) -> tuple[RunRecord, bool]:
-        """Validate the input, create the run (or find it by idempotency key) and queue it."""
+        """Validate the input, create the run (or find it by idempotency key) and queue it.
+
+        With ``dispatch=False`` a new run is created but not queued: the caller must call
+        ``dispatch`` for it (a streamed start subscribes to the run's events first)."""
         record = await self.store.get_graph(graph_name, version)
         graph = await self.graphs.get(record.name, record.version)
         problems = input_problems(graph, input)
         if problems:
             raise ValidationFailed(problems, what="input")
         run, created = await self.store.create_run(record.name, record.version, input, idempotency_key)
-        if created:
-            await self.queue.enqueue(run.id)
+        if created and dispatch:
+            await self.dispatch(run.id)
         return run, created
+
+    async def dispatch(self, run_id: str) -> None:
+        """Queue a run created by ``start(..., dispatch=False)``.
+
+        The run is stored already, so it is accepted even when the queue (Redis) cannot be
+        reached: the workers' sweep queues it once Redis is back (``server.sweep``)."""
+        try:
+            await self.queue.enqueue(run_id)
+        except Unavailable as exc:
+            log.warning("run %s is stored but not queued yet (%s); the sweep will queue it", run_id, exc)
 
     async def cancel(self, run_id: str) -> RunRecord:
         """Ask for the run to end ``cancelled``; ``Conflict`` if it already ended."""

@@ -595,6 +595,38 @@ async def test_health_is_503_when_redis_is_unreachable(inproc: Settings) -> None
 
 
 @pytest.mark.anyio
+async def test_with_redis_unreachable_a_run_is_still_accepted_and_other_calls_are_503(
+    inproc: Settings, tmp_path: Path
+) -> None:
+    """A run stored while Redis is away is accepted (202; the workers' sweep queues it when Redis
+    is back); what cannot be done without Redis — a cancel, waiting on events — is a 503."""
+    import dataclasses
+
+    from server.api.app import create_app
+
+    spec = {"name": "offline", "nodes": {"t": {"agent": "template", "template": "hi"}}}
+    closed = free_port()
+    # A database of its own: the runs it leaves queued are not for the other tests' sweeps.
+    settings = dataclasses.replace(
+        inproc, redis_url=f"redis://127.0.0.1:{closed}/0", database_url=f"sqlite+aiosqlite:///{tmp_path}/b.db"
+    )
+    async with AsyncTestClient(app=create_app(settings, workers=False)) as client:
+        with anyio.fail_after(30):
+            assert (await client.put("/graphs/offline", json=spec)).status_code in (200, 201)
+            started = await client.post("/graphs/offline/runs", json={"input": {}})
+            assert started.status_code == 202, started.text
+            run_id = started.json()["id"]
+            assert (await client.get(f"/runs/{run_id}")).json()["status"] == "queued"
+
+            cancel = await client.post(f"/runs/{run_id}/cancel")
+            assert cancel.status_code == 503, cancel.text
+            assert "Redis is unavailable" in cancel.json()["detail"]
+            waited = await client.post("/graphs/offline/runs?wait=true", json={"input": {}})
+            assert waited.status_code == 503, waited.text
+            assert (await client.get(f"/runs/{run_id}")).json()["status"] == "queued"
+
+
+@pytest.mark.anyio
 async def test_the_sweep_enqueues_only_runs_that_lost_their_message(inproc: Settings) -> None:
     from server.braid import open_braid
     from server.sweep import Sweeper

@@ -3,21 +3,32 @@
 Every error answer is JSON ``{"status_code": .., "detail": ..}``; validation errors (422) add
 ``errors: [{"path", "message"}]``. Braid's own errors map by class; Litestar's HTTP exceptions
 (404 for an unknown route, 413 for a body over ``request_max_body_size``, ...) keep their status
-and shape; anything else is a logged 500 with a generic detail, never a traceback.
+and shape; the database or Redis being unreachable (stopped, restarting, the network) is a 503 the
+client can retry; anything else is a logged 500 with a generic detail, never a traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.types import ExceptionHandlersMap
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from server.errors import BraidError, Conflict, NotFound, Problem, ValidationFailed
+from server.errors import BraidError, Conflict, NotFound, Problem, Unavailable, ValidationFailed
 
 log = logging.getLogger("braid.api")
+
+DATABASE_UNAVAILABLE = "the database is unavailable; try again shortly"
+REDIS_UNAVAILABLE = "Redis is unavailable; try again shortly"
+UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+"""PostgreSQL's connection errors (class 08) and its shutting down, crashed or starting up."""
 
 
 class MalformedBody(BraidError):
@@ -81,6 +92,8 @@ def _status(exc: BraidError) -> int:
         return 409
     if isinstance(exc, MalformedBody):
         return 400
+    if isinstance(exc, Unavailable):
+        return 503
     return 500
 
 
@@ -105,8 +118,44 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
     )
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached (rather than that a statement failed)."""
+    if isinstance(exc, ConnectionError | socket.gaierror):  # connecting failed (no wrapper)
+        return True
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return True
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(sqlstate, str) and sqlstate.startswith(UNAVAILABLE_SQLSTATES)
+    return False
+
+
+def unavailable_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if not database_unavailable(exc):
+        return internal_error(request, exc)
+    log.warning(
+        "%s %s: the database is unavailable (%s: %s)",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
+    )
+    return Response(error_body(503, DATABASE_UNAVAILABLE), status_code=503)
+
+
+def redis_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """Redis out of reach (stopped, restarting, the network) is a 503; any other Redis error a 500."""
+    if not isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return internal_error(request, exc)
+    log.warning("%s %s: Redis is unavailable (%s)", request.method, request.url.path, exc)
+    return Response(error_body(503, REDIS_UNAVAILABLE), status_code=503)
+
+
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     BraidError: braid_error,
+    DBAPIError: unavailable_error,
+    OSError: unavailable_error,
+    RedisError: redis_error,
     # The 500 key catches every exception that is not an HTTPException and has no handler of its own.
     500: internal_error,
 }

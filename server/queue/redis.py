@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
+from server.errors import Unavailable
 from server.keys import DEFAULT_PREFIX, WORKER_GROUP, Keys
 
 log = logging.getLogger("braid.queue")
@@ -198,8 +199,11 @@ class RedisQueue:
         self._listeners: set[RedisCancellations] = set()
 
     async def enqueue(self, run_id: str) -> None:
-        await self._ensure_group()
-        await self.redis.xadd(self.keys.runs, {"run_id": run_id})
+        try:
+            await self._ensure_group()
+            await self.redis.xadd(self.keys.runs, {"run_id": run_id})
+        except TRANSIENT as exc:
+            raise Unavailable(f"Redis is unavailable ({exc}); try again shortly") from exc
 
     async def take(self) -> RedisDelivery:
         failures = 0
@@ -226,7 +230,10 @@ class RedisQueue:
                 return delivery
 
     async def cancel(self, run_id: str) -> None:
-        await self.redis.publish(self.keys.cancel, run_id)
+        try:
+            await self.redis.publish(self.keys.cancel, run_id)
+        except TRANSIENT as exc:
+            raise Unavailable(f"Redis is unavailable ({exc}); try again shortly") from exc
 
     def cancellations(self) -> RedisCancellations:
         return RedisCancellations(self)

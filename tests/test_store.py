@@ -142,6 +142,21 @@ async def test_put_graph_stores_versions(store: SqlStore) -> None:
         await store.graph_versions("nope")
 
 
+async def test_a_version_stored_by_another_process_is_the_latest_at_once(open_store: Opener) -> None:
+    """Two API processes on one database: a graph put through one is run at its new version
+    through the other straight away (graph records are cached, which version is latest is not)."""
+    one, other = await open_store(), await open_store()
+    await one.put_graph("brief", SPEC, "v1", 1)
+    assert (await other.get_graph("brief")).version == 1  # now in other's cache
+    spec2 = {**SPEC, "description": "second"}
+    await one.put_graph("brief", spec2, "v2", 1)
+    latest = await other.get_graph("brief")
+    assert (latest.version, latest.spec) == (2, spec2)
+    await one.delete_graph("brief")
+    with pytest.raises(NotFound, match="'brief'"):
+        await other.get_graph("brief")
+
+
 async def test_concurrent_put_graph_never_reuses_a_version(store: SqlStore) -> None:
     versions: list[int] = []
 

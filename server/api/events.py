@@ -56,6 +56,7 @@ FEED_SEEN = 4096
 """How many recently sent global ids a feed remembers, to drop duplicates that arrive late."""
 
 Frames = MemoryObjectSendStream[ServerSentEvent]
+Dispatch = Callable[[], Awaitable[None]]
 
 
 def ping_seconds() -> float:
@@ -115,8 +116,13 @@ def _sse(produce: Callable[[Frames], Awaitable[None]], ping: float | None = None
 # --- one run -----------------------------------------------------------------------------------
 
 
-async def _produce_run(braid: Braid, run_id: str, after: int, out: Frames) -> None:
-    """Send the run's events with ``seq > after`` in order, without gaps, until workflow.finished."""
+async def _produce_run(
+    braid: Braid, run_id: str, after: int, out: Frames, dispatch: Dispatch | None = None
+) -> None:
+    """Send the run's events with ``seq > after`` in order, without gaps, until workflow.finished.
+
+    ``dispatch`` queues a run that was created but not queued yet: it is called once subscribed,
+    and then nothing needs replaying from the store (nothing of the run was persisted before)."""
     last = after
     early: dict[int, Event] = {}  # live events that arrived ahead of a missing one
 
@@ -153,7 +159,11 @@ async def _produce_run(braid: Braid, run_id: str, after: int, out: Frames) -> No
     while drops <= MAX_DROPS:
         resumed_at = last
         async with braid.bus.subscribe(run_id) as subscription:
-            if await catch_up() or await emit_early():
+            if dispatch is not None:
+                await dispatch()
+                dispatch = None
+                checked_run = True  # a run queued just now: its workflow.finished is yet to come
+            elif await catch_up() or await emit_early():
                 return
             if not checked_run:
                 checked_run = True
@@ -179,14 +189,42 @@ async def _produce_run(braid: Braid, run_id: str, after: int, out: Frames) -> No
     log.warning("run %s: the event bus keeps dropping this stream; ending it at %d", run_id, last)
 
 
-async def stream_run(braid: Braid, run_id: str, after: int = 0) -> EventSourceResponse:
+async def stream_run(
+    braid: Braid, run_id: str, after: int = 0, dispatch: Dispatch | None = None
+) -> EventSourceResponse:
     """The SSE stream of one run's events after ``after`` (used by ``GET /runs/{id}/events`` and by
-    ``POST /graphs/{name}/runs?stream=true``); it closes after ``workflow.finished``."""
+    ``POST /graphs/{name}/runs?stream=true``); it closes after ``workflow.finished``.
+
+    ``dispatch`` queues a run created but not queued yet (a streamed start): the stream calls it
+    once subscribed, or, should the stream end before (the client left at once), on its way out,
+    so that a run accepted is always queued."""
+    once = _Once(dispatch) if dispatch is not None else None
 
     async def produce(out: Frames) -> None:
-        await _produce_run(braid, run_id, after, out)
+        try:
+            await _produce_run(braid, run_id, after, out, once)
+        finally:
+            if once is not None and not once.called:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await once()
+                    except Exception:
+                        log.exception("run %s: could not be queued", run_id)
 
     return _sse(produce)
+
+
+class _Once:
+    """Calls ``dispatch`` on the first call only."""
+
+    def __init__(self, dispatch: Dispatch) -> None:
+        self._dispatch = dispatch
+        self.called = False
+
+    async def __call__(self) -> None:
+        if not self.called:
+            self.called = True
+            await self._dispatch()
 
 
 # --- the global feed ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, cast
 
 from litestar import Request, Response, get, post
@@ -55,10 +56,29 @@ def run_request(body: dict[str, Any]) -> tuple[Any, int | None, str | None]:
     return body.get("input", {}), version, key
 
 
+def _run_streamer() -> Callable[..., Awaitable[Any]]:
+    """``server.api.events.stream_run``; 406 when this server cannot stream."""
+    try:
+        from server.api.events import stream_run
+    except ModuleNotFoundError as exc:
+        if exc.name != "server.api.events":
+            raise
+        raise ClientException(
+            "this server cannot stream run events; poll GET /runs/{id}", status_code=406
+        ) from None
+    return stream_run
+
+
 async def run_answer(
-    braid: Braid, run: RunRecord, status_code: int, headers: dict[str, str] | None = None
+    braid: Braid,
+    run: RunRecord,
+    status_code: int,
+    headers: dict[str, str] | None = None,
+    *,
+    fresh: bool = False,
 ) -> Response[Any]:
-    nodes = await braid.store.node_executions(run.id)
+    """The run with its node executions; a ``fresh`` run (as created, before any event) has none."""
+    nodes = [] if fresh else await braid.store.node_executions(run.id)
     return Response(serialize.run(run, nodes), status_code=status_code, headers=headers)
 
 
@@ -82,22 +102,27 @@ async def start_run(
         or request.accept.best_match(["application/json", "text/event-stream"]) == "text/event-stream"
     )
     input, version, key = run_request(await read_object(request))
-    run, created = await braid.runs.start(name, input, version=version, idempotency_key=key)
+    stream_run = _run_streamer() if streaming else None
+    # A streamed new run is queued by its stream, once subscribed to the run's events: nothing of
+    # the run can be persisted before, so the stream needs no replay from the database.
+    run, created = await braid.runs.start(
+        name, input, version=version, idempotency_key=key, dispatch=stream_run is None
+    )
     headers = None if created else {"Idempotent-Replayed": "true"}
-    if streaming:
-        try:
-            from server.api.events import stream_run
-        except ModuleNotFoundError as exc:
-            if exc.name != "server.api.events":
-                raise
-            raise ClientException(
-                "this server cannot stream run events; poll GET /runs/{id}", status_code=406
-            ) from None
-        return cast("ASGIApp", await stream_run(braid, run.id, after=0))
+    if stream_run is not None:
+        run_id = run.id
+
+        async def dispatch() -> None:
+            await braid.runs.dispatch(run_id)
+
+        return cast(
+            "ASGIApp", await stream_run(braid, run_id, after=0, dispatch=dispatch if created else None)
+        )
     if waiting:
         run = await braid.runs.wait(run.id, DEFAULT_WAIT_SECONDS if seconds is None else seconds)
     status_code = 200 if waiting and run.status.ended else 202
-    response = await run_answer(braid, run, status_code, headers)
+    # A run answered as created (queued, before its first event) has no node execution yet.
+    response = await run_answer(braid, run, status_code, headers, fresh=created and not waiting)
     # Litestar serializes its own Response and passes any other ASGI app (the SSE stream) through.
     return cast("ASGIApp", response)
 

@@ -14,9 +14,11 @@ import json
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
@@ -28,6 +30,18 @@ from server.queue.redis import TRANSIENT, client_name, connect, stream_entries, 
 from server.status import EventType
 
 log = logging.getLogger("braid.bus")
+
+PUBLISH_BATCH = 256
+"""Events sent in one pipeline at most."""
+
+
+@dataclass(eq=False, slots=True)
+class _Outgoing:
+    event: Event
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    waiting: bool = False
+    done: bool = False
+    error: Exception | None = None
 
 
 def encode(event: Event) -> dict[FieldT, EncodableT]:
@@ -86,15 +100,69 @@ class RedisBus:
         self.reader_count = 0
         """Reader tasks running (one per subscription while it is open)."""
         self._buffers: set[Buffer] = set()
+        self._outbox: list[_Outgoing] = []
+        self._sending = False
 
     async def publish(self, event: Event) -> None:
-        fields = encode(event)
-        run_key = self.keys.run_events(event.run_id)
-        finished = event.type is EventType.WORKFLOW_FINISHED
+        """Append the event to its run's stream and to the feed. Concurrent calls share one
+        pipeline (one round trip): whichever caller finds no send in progress sends what is
+        queued, in order, while the others wait for their batch (as the store's group commit)."""
+        item = _Outgoing(event)
+        self._outbox.append(item)
+        while not item.done:
+            if not self._sending:
+                await self._send_outbox(item)
+                continue
+            item.wake = anyio.Event()
+            item.waiting = True
+            try:
+                await item.wake.wait()
+            except BaseException:
+                # Cancelled while queued: the event is still sent, but if this caller was just
+                # made the sender, someone must send.
+                item.waiting = False
+                if not item.done and not self._sending:
+                    await self._send_outbox(item)
+                raise
+            item.waiting = False
+        if item.error is not None:
+            raise item.error
+
+    async def _send_outbox(self, own: _Outgoing) -> None:
+        """Send queued events batch by batch until ``own`` is sent, then hand over."""
+        self._sending = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()  # let callers ready to publish join this batch
+                while self._outbox:
+                    batch = self._outbox[:PUBLISH_BATCH]
+                    del self._outbox[:PUBLISH_BATCH]
+                    try:
+                        await self._send(batch)
+                    except Exception as exc:
+                        for item in batch:
+                            item.error = exc
+                    for item in batch:
+                        item.done = True
+                        item.wake.set()
+                    if own.done:
+                        successor = next((i for i in self._outbox if i.waiting), None)
+                        if successor is not None:
+                            successor.wake.set()
+                            break
+        finally:
+            self._sending = False
+
+    async def _send(self, batch: list[_Outgoing]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(run_key, fields, maxlen=self.feed_length, approximate=True)
-            pipe.expire(run_key, self.run_stream_ttl if finished else self.unfinished_ttl)
-            pipe.xadd(self.keys.events, fields, maxlen=self.feed_length, approximate=True)
+            for item in batch:
+                event = item.event
+                fields = encode(event)
+                run_key = self.keys.run_events(event.run_id)
+                finished = event.type is EventType.WORKFLOW_FINISHED
+                pipe.xadd(run_key, fields, maxlen=self.feed_length, approximate=True)
+                pipe.expire(run_key, self.run_stream_ttl if finished else self.unfinished_ttl)
+                pipe.xadd(self.keys.events, fields, maxlen=self.feed_length, approximate=True)
             await pipe.execute()
 
     @asynccontextmanager

@@ -18,10 +18,10 @@ import os
 import time
 import uuid
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -30,6 +30,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Row,
     bindparam,
     create_engine,
     event,
@@ -39,11 +40,12 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import SQLModel, col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -55,6 +57,7 @@ from server.status import EventType, NodeStatus, RunStatus
 from server.store.base import GraphRecord, GraphSummary, RunRecord
 from server.store.models import (
     EVENTS,
+    GRAPHS,
     NODES,
     RUNS,
     SCHEMA,
@@ -79,6 +82,18 @@ START_LOCK = 0x62726173
 GRAPH_LOCK = 0x62726167
 
 NODE_COLUMNS = ("status", "attempts", "output", "error", "started_at", "finished_at", "usage")
+
+GRAPH_TTL_SECONDS = 1.0
+"""How long the record of one graph version is served from memory. Writes through this store
+clear it at once; which version is the latest is always read from the database (so another
+process's new version is seen at once). A graph deleted and recreated by another process may
+show its old version of the same number for up to this long."""
+GRAPH_CACHE_SIZE = 1024
+
+READER_THREADS = 4
+"""SQLite reads run on synchronous connections in up to this many threads at once."""
+
+T = TypeVar("T")
 
 
 class RunIds:
@@ -134,23 +149,47 @@ class SqlStore:
     def __init__(self, url: str, *, batch_size: int = 512) -> None:
         self.url = url
         self._engine = create_async_engine(
-            url, json_serializer=_dumps, pool_pre_ping=not url.startswith("sqlite")
+            url,
+            json_serializer=_dumps,
+            **({} if url.startswith("sqlite") else {"pool_pre_ping": True, "max_overflow": 5}),
         )
         self._sqlite = self._engine.dialect.name == "sqlite"
         # SQLite event batches go through a synchronous connection in a thread of their own (one
         # round trip per batch); not for an in-memory database, which a second engine would not see.
         self._writer: Engine | None = None
         self._writer_thread = anyio.CapacityLimiter(1)
+        # Reads: on SQLite, synchronous connections in threads of their own (one thread hop per
+        # read instead of aiosqlite's several); on Postgres, autocommit connections (a pre-ping
+        # and the query, without the BEGIN and ROLLBACK around each read, nor the transaction
+        # the pre-ping of a transactional connection opens).
+        self._reader: Engine | None = None
+        self._reader_threads = anyio.CapacityLimiter(READER_THREADS)
+        self._autocommit: AsyncEngine = self._engine
         if self._sqlite:
             event.listen(self._engine.sync_engine, "connect", _set_sqlite_pragmas)
             database = self._engine.url.database
             if database and database != ":memory:" and not database.startswith("file:"):
-                self._writer = create_engine(
-                    self._engine.url.set(drivername="sqlite+pysqlite"), json_serializer=_dumps
-                )
+                sync_url = self._engine.url.set(drivername="sqlite+pysqlite")
+                self._writer = create_engine(sync_url, json_serializer=_dumps)
                 event.listen(self._writer, "connect", _set_sqlite_pragmas)
                 main = self._engine.sync_engine
                 event.listen(self._writer, "commit", lambda conn: main.dispatch.commit(conn))
+                self._reader = create_engine(sync_url, json_serializer=_dumps)
+                event.listen(self._reader, "connect", _set_sqlite_pragmas)
+        else:
+            self._autocommit = create_async_engine(
+                url,
+                json_serializer=_dumps,
+                pool_pre_ping=True,
+                isolation_level="AUTOCOMMIT",
+                # Reads and single inserts of many concurrent requests: a pool large enough that
+                # they reuse connections rather than open (and close) overflow ones.
+                pool_size=10,
+                max_overflow=10,
+            )
+        # Graph reads by (name, version or None for the latest): (expiry, record).
+        self._graphs: dict[tuple[str, int], tuple[float, GraphRecord]] = {}
+        self._graph_writes = 0
         self._sessions = async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
         self._ids = RunIds()
         self._batch_size = batch_size
@@ -166,6 +205,7 @@ class SqlStore:
             index_elements=["run_id", "node", "iteration", "idx"],
             set_={name: upsert.excluded[name] for name in NODE_COLUMNS},
         )
+        self._insert_run = RUNS.insert()
         self._set_last_seq = (
             update(RUNS).where(RUNS.c.id == bindparam("b_id")).values(last_seq=bindparam("b_seq"))
         )
@@ -193,6 +233,10 @@ class SqlStore:
     async def close(self) -> None:
         if self._writer is not None:
             await anyio.to_thread.run_sync(self._writer.dispose, limiter=self._writer_thread)
+        if self._reader is not None:
+            await anyio.to_thread.run_sync(self._reader.dispose, limiter=self._reader_threads)
+        if self._autocommit is not self._engine:
+            await self._autocommit.dispose()
         await self._engine.dispose()
 
     async def ping(self) -> bool:
@@ -213,7 +257,7 @@ class SqlStore:
             name=name, version=1, spec=spec, description=description, nodes=nodes, created_at=utcnow()
         )
         try:
-            async with self._write() as session:
+            async with self._writing_graphs() as session:
                 session.add(row)
         except IntegrityError:
             raise Conflict(
@@ -226,7 +270,7 @@ class SqlStore:
     ) -> tuple[GraphRecord, bool]:
         for attempt in range(5):
             try:
-                async with self._write() as session:
+                async with self._writing_graphs() as session:
                     if not self._sqlite:
                         # Writers of one graph take turns, so they never race for a version number.
                         key = zlib.crc32(name.encode()) - (1 << 31)
@@ -251,22 +295,25 @@ class SqlStore:
         raise AssertionError("unreachable")
 
     async def get_graph(self, name: str, version: int | None = None) -> GraphRecord:
-        query = select(GraphRow).where(GraphRow.name == name)
         if version is None:
-            query = query.order_by(col(GraphRow.version).desc()).limit(1)
-        else:
-            query = query.where(GraphRow.version == version)
-        async with self._sessions() as session:
-            row = (await session.exec(query)).first()
-            if row is None and version is not None:
-                exists = (
-                    await session.exec(select(GraphRow.version).where(GraphRow.name == name).limit(1))
-                ).first()
-                if exists is not None:
-                    raise NotFound(f"graph {name!r} has no version {version}")
-        if row is None:
-            raise NotFound(f"graph {name!r} not found")
-        return _graph(row)
+            # The latest version is always read (a version stored by another process a moment ago
+            # is the one a run gets); the record of that version may come from memory.
+            latest = await self._read(lambda conn: _latest_version(conn, name))
+            if latest is None:
+                raise NotFound(f"graph {name!r} not found")
+            version = latest
+        key = (name, version)
+        now = time.monotonic()
+        cached = self._graphs.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        writes = self._graph_writes
+        record = await self._read(lambda conn: _read_graph(conn, name, version))
+        if writes == self._graph_writes:  # no write began meanwhile: the record is current
+            if len(self._graphs) >= GRAPH_CACHE_SIZE:
+                self._graphs.clear()
+            self._graphs[key] = (now + GRAPH_TTL_SECONDS, record)
+        return record
 
     async def graph_versions(self, name: str) -> list[GraphRecord]:
         query = select(GraphRow).where(GraphRow.name == name).order_by(col(GraphRow.version).desc())
@@ -312,7 +359,7 @@ class SqlStore:
         ]
 
     async def delete_graph(self, name: str) -> None:
-        async with self._write() as session:
+        async with self._writing_graphs() as session:
             deleted = (
                 await session.exec(
                     delete(GraphRow).where(col(GraphRow.name) == name).returning(col(GraphRow.version))
@@ -326,7 +373,7 @@ class SqlStore:
     async def create_run(
         self, graph: str, version: int, input: Any, idempotency_key: str | None = None
     ) -> tuple[RunRecord, bool]:
-        row = RunRow(
+        run = RunRecord(
             id=self._ids.new(),
             graph=graph,
             version=version,
@@ -335,23 +382,34 @@ class SqlStore:
             created_at=utcnow(),
             idempotency_key=idempotency_key,
         )
+        values = {
+            "id": run.id,
+            "graph": graph,
+            "version": version,
+            "status": str(RunStatus.QUEUED),
+            "input": input,
+            "output": None,
+            "error": None,
+            "created_at": run.created_at,
+            "usage": {},
+            "idempotency_key": idempotency_key,
+            "last_seq": 0,
+        }
         try:
-            async with self._write() as session:
-                session.add(row)
+            await self._write_one(self._insert_run, values)
         except IntegrityError:
             if idempotency_key is None:
                 raise
-            query = select(RunRow).where(RunRow.graph == graph, RunRow.idempotency_key == idempotency_key)
-            async with self._sessions() as session:
-                existing = (await session.exec(query)).first()
+            query = sa_select(RUNS).where(RUNS.c.graph == graph, RUNS.c.idempotency_key == idempotency_key)
+            existing = await self._read(lambda conn: conn.execute(query).first())
             if existing is None:
                 raise
             return _run(existing), False
-        return _run(row), True
+        return run, True
 
     async def get_run(self, run_id: str) -> RunRecord:
-        async with self._sessions() as session:
-            row = await session.get(RunRow, run_id)
+        query = sa_select(RUNS).where(RUNS.c.id == run_id)
+        row = await self._read(lambda conn: conn.execute(query).first())
         if row is None:
             raise NotFound(f"run {run_id!r} not found")
         return _run(row)
@@ -385,29 +443,14 @@ class SqlStore:
 
     async def node_executions(self, run_id: str) -> list[NodeExecution]:
         query = (
-            select(NodeRow)
-            .where(NodeRow.run_id == run_id)
-            .order_by(col(NodeRow.started_at).is_(None), col(NodeRow.started_at), col(NodeRow.id))
+            sa_select(NODES)
+            .where(NODES.c.run_id == run_id)
+            .order_by(NODES.c.started_at.is_(None), NODES.c.started_at, NODES.c.id)
         )
-        async with self._sessions() as session:
-            return [_execution(row) for row in (await session.exec(query)).all()]
+        return await self._read(lambda conn: [_execution(row) for row in conn.execute(query)])
 
     async def run_state(self, run_id: str) -> RunState:
-        ended = (
-            select(NodeRow)
-            .where(NodeRow.run_id == run_id, col(NodeRow.status).in_([str(s) for s in RESUMABLE]))
-            .order_by(col(NodeRow.started_at).is_(None), col(NodeRow.started_at), col(NodeRow.id))
-        )
-        started = select(EventRow.gid).where(
-            EventRow.run_id == run_id, EventRow.type == str(EventType.WORKFLOW_STARTED)
-        )
-        async with self._sessions() as session:
-            last_seq = (await session.exec(select(RunRow.last_seq).where(RunRow.id == run_id))).first()
-            if last_seq is None:
-                raise NotFound(f"run {run_id!r} not found")
-            has_started = (await session.exec(started.limit(1))).first() is not None
-            executions = [_execution(row) for row in (await session.exec(ended)).all()]
-        return RunState(last_seq=last_seq, started=has_started, executions=executions)
+        return await self._read(lambda conn: _read_run_state(conn, run_id))
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -557,26 +600,22 @@ class SqlStore:
 
     async def events(self, run_id: str, after: int = 0, limit: int | None = None) -> list[Event]:
         query = (
-            select(EventRow)
-            .where(EventRow.run_id == run_id, col(EventRow.seq) > after)
-            .order_by(col(EventRow.seq))
+            sa_select(EVENTS).where(EVENTS.c.run_id == run_id, EVENTS.c.seq > after).order_by(EVENTS.c.seq)
         )
         if limit is not None:
             query = query.limit(limit)
-        async with self._sessions() as session:
-            return [_event(row) for row in (await session.exec(query)).all()]
+        return await self._read(lambda conn: [_event(row) for row in conn.execute(query)])
 
     async def feed(
         self, after: int = 0, limit: int = 500, graph: str | None = None, deltas: bool = False
     ) -> list[Event]:
-        query = select(EventRow).where(col(EventRow.gid) > after)
+        query = sa_select(EVENTS).where(EVENTS.c.gid > after)
         if not deltas:
-            query = query.where(EventRow.type != str(EventType.NODE_DELTA))
+            query = query.where(EVENTS.c.type != str(EventType.NODE_DELTA))
         if graph is not None:
-            query = query.where(EventRow.graph == graph)
-        query = query.order_by(col(EventRow.gid)).limit(limit)
-        async with self._sessions() as session:
-            return [_event(row) for row in (await session.exec(query)).all()]
+            query = query.where(EVENTS.c.graph == graph)
+        query = query.order_by(EVENTS.c.gid).limit(limit)
+        return await self._read(lambda conn: [_event(row) for row in conn.execute(query)])
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -586,6 +625,52 @@ class SqlStore:
         lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
         async with lock, self._sessions() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def _writing_graphs(self) -> AsyncGenerator[AsyncSession, None]:
+        """``_write`` for graph rows: graph reads in flight meanwhile are not cached, and what
+        was cached is forgotten."""
+        self._graph_writes += 1
+        self._graphs.clear()
+        try:
+            async with self._write() as session:
+                yield session
+        finally:
+            self._graph_writes += 1
+            self._graphs.clear()
+
+    async def _read(self, read: Callable[[Connection], T]) -> T:
+        """``read`` on a read connection: a synchronous SQLite connection in a reader thread, or
+        an autocommit connection (``AsyncConnection.run_sync``)."""
+        reader = self._reader
+        if reader is not None:
+
+            def in_thread() -> T:
+                with reader.connect() as conn:
+                    return read(conn)
+
+            return await anyio.to_thread.run_sync(in_thread, limiter=self._reader_threads)
+        async with self._autocommit.connect() as conn:
+            return await conn.run_sync(read)
+
+    async def _write_one(self, statement: Any, parameters: dict[str, Any]) -> None:
+        """One statement in a transaction of its own."""
+        writer = self._writer
+        if writer is not None:
+
+            def in_thread() -> None:
+                with writer.begin() as conn:
+                    conn.execute(statement, parameters)
+
+            async with self._sqlite_lock:
+                await anyio.to_thread.run_sync(in_thread, limiter=self._writer_thread)
+            return
+        if self._sqlite:
+            async with self._sqlite_lock, self._engine.begin() as conn:
+                await conn.execute(statement, parameters)
+            return
+        async with self._autocommit.connect() as conn:  # one statement is its own transaction
+            await conn.execute(statement, parameters)
 
 
 def _conflict(item: _Pending, exc: Exception) -> Exception:
@@ -614,6 +699,43 @@ def _schema_version(conn: Connection) -> int | None:
     return None if version is None else int(version)
 
 
+def _latest_version(conn: Connection, name: str) -> int | None:
+    return conn.execute(sa_select(func.max(GRAPHS.c.version)).where(GRAPHS.c.name == name)).scalar()
+
+
+def _read_graph(conn: Connection, name: str, version: int | None) -> GraphRecord:
+    query = sa_select(GRAPHS).where(GRAPHS.c.name == name)
+    if version is None:
+        query = query.order_by(GRAPHS.c.version.desc()).limit(1)
+    else:
+        query = query.where(GRAPHS.c.version == version)
+    row = conn.execute(query).first()
+    if row is None:
+        if version is not None:
+            exists = conn.execute(select(GRAPHS.c.version).where(GRAPHS.c.name == name).limit(1)).first()
+            if exists is not None:
+                raise NotFound(f"graph {name!r} has no version {version}")
+        raise NotFound(f"graph {name!r} not found")
+    return _graph(row)
+
+
+def _read_run_state(conn: Connection, run_id: str) -> RunState:
+    last_seq = conn.execute(select(RUNS.c.last_seq).where(RUNS.c.id == run_id)).scalar()
+    if last_seq is None:
+        raise NotFound(f"run {run_id!r} not found")
+    started = select(EVENTS.c.gid).where(
+        EVENTS.c.run_id == run_id, EVENTS.c.type == str(EventType.WORKFLOW_STARTED)
+    )
+    has_started = conn.execute(started.limit(1)).first() is not None
+    ended = (
+        sa_select(NODES)
+        .where(NODES.c.run_id == run_id, NODES.c.status.in_([str(s) for s in RESUMABLE]))
+        .order_by(NODES.c.started_at.is_(None), NODES.c.started_at, NODES.c.id)
+    )
+    executions = [_execution(row) for row in conn.execute(ended)]
+    return RunState(last_seq=last_seq, started=has_started, executions=executions)
+
+
 def _run_update(change: RunUpdate) -> dict[str, Any]:
     values: dict[str, Any] = {"status": str(change.status)}
     at: ColumnElement[Any] = literal(change.at, UTCDateTime())
@@ -624,7 +746,7 @@ def _run_update(change: RunUpdate) -> dict[str, Any]:
     return values
 
 
-def _graph(row: GraphRow) -> GraphRecord:
+def _graph(row: GraphRow | Row[Any]) -> GraphRecord:
     return GraphRecord(
         name=row.name,
         version=row.version,
@@ -635,7 +757,7 @@ def _graph(row: GraphRow) -> GraphRecord:
     )
 
 
-def _run(row: RunRow) -> RunRecord:
+def _run(row: RunRow | Row[Any]) -> RunRecord:
     return RunRecord(
         id=row.id,
         graph=row.graph,
@@ -653,7 +775,7 @@ def _run(row: RunRow) -> RunRecord:
     )
 
 
-def _execution(row: NodeRow) -> NodeExecution:
+def _execution(row: NodeRow | Row[Any]) -> NodeExecution:
     return NodeExecution(
         node=row.node,
         iteration=row.iteration,
@@ -668,7 +790,7 @@ def _execution(row: NodeRow) -> NodeExecution:
     )
 
 
-def _event(row: EventRow) -> Event:
+def _event(row: EventRow | Row[Any]) -> Event:
     return Event(
         run_id=row.run_id,
         seq=row.seq,

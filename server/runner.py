@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
+from datetime import datetime
 
 import anyio
 
@@ -46,7 +47,9 @@ class Publisher:
 
 
 class GraphCache:
-    """Validated graphs by (name, version): a stored version never changes, so build it once."""
+    """Validated graphs by (name, version, creation time): a stored version never changes, so it
+    is built once. The record is read each time (the store serves it from memory), so a graph
+    deleted and created again under the same version number is built anew."""
 
     def __init__(
         self, store: Store, registry: Registry, validation: ValidationContext, size: int = 256
@@ -55,13 +58,13 @@ class GraphCache:
         self._registry = registry
         self._validation = validation
         self._size = size
-        self._graphs: OrderedDict[tuple[str, int], Graph] = OrderedDict()
+        self._graphs: OrderedDict[tuple[str, int, datetime], Graph] = OrderedDict()
 
     async def get(self, name: str, version: int) -> Graph:
-        key = (name, version)
+        record = await self._store.get_graph(name, version)
+        key = (name, version, record.created_at)
         graph = self._graphs.get(key)
         if graph is None:
-            record = await self._store.get_graph(name, version)
             graph = build_graph(record.spec, self._registry, self._validation)
             self._graphs[key] = graph
             if len(self._graphs) > self._size:

@@ -272,6 +272,17 @@ async def test_delete_graph_keeps_its_runs(client: Client) -> None:
     assert (await client.post("/graphs/hello/runs", json={"input": {"topic": "x"}})).status_code == 404
 
 
+async def test_a_graph_deleted_and_created_again_runs_its_new_spec(client: Client) -> None:
+    await client.post("/graphs", json=graph("again", "first"))
+    run = await client.post("/graphs/again/runs", params={"wait": "true"}, json={"input": {}})
+    assert run.json()["output"] == "first"
+    assert (await client.delete("/graphs/again")).status_code == 204
+    created = await client.post("/graphs", json=graph("again", "second"))
+    assert created.json()["version"] == 1
+    run = await client.post("/graphs/again/runs", params={"wait": "true"}, json={"input": {}})
+    assert run.json()["output"] == "second"
+
+
 # --- runs -------------------------------------------------------------------------------------
 
 

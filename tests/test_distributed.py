@@ -252,15 +252,23 @@ class Cluster:
         return int(rows[0]["n"])
 
 
-@pytest.fixture(scope="module")
-def cluster(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Two ``braid serve`` processes and two ``braid worker`` processes, as a user runs them."""
-    redis_url = require_redis()
-    folder = tmp_path_factory.mktemp("distributed")
-    (folder / "examples").mkdir()
-    prefix = f"braid-dist-{uuid.uuid4().hex[:10]}"
-    fx_key = f"{prefix}-fx:executions"  # outside the prefix's keys: survives the data-loss test
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+@contextmanager
+def running_cluster(
+    folder: Path,
+    database: str,
+    redis_url: str,
+    prefix: str,
+    *,
+    apis: int,
+    workers: int,
+    fx_key: str | None = None,
+) -> Generator[Cluster]:
+    """``apis`` ``braid serve`` and ``workers`` ``braid worker`` processes on ``database`` and
+    ``redis_url`` under the key prefix ``prefix``, as a user runs them; stopped (SIGTERM) and their
+    Redis keys deleted on the way out. With ``fx_key``, the ``count`` agent of tests/dist_agents.py
+    logs its executions there."""
+    (folder / "examples").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in (*CLEARED, "BRAID_AGENT_MODULES")}
     env.update(
         BRAID_DATABASE_URL=database,
         BRAID_REDIS_URL=redis_url,
@@ -269,16 +277,17 @@ def cluster(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         BRAID_WORKER_CONCURRENCY=str(WORKER_CONCURRENCY),
         BRAID_EXAMPLES_DIR=str(folder / "examples"),
         BRAID_PROMPTS_DIR=str(ROOT / "prompts"),
-        BRAID_AGENT_MODULES="tests.dist_agents",
         BRAID_HOST="127.0.0.1",
         BRAID_MOCK_DELAY="0",
-        BRAID_TEST_FX_REDIS=redis_url,
-        BRAID_TEST_FX_KEY=fx_key,
         PYTHONUNBUFFERED="1",
     )
-    cluster = Cluster(folder, env, redis_url, asyncpg_dsn(database), prefix, fx_key)
+    if fx_key is not None:
+        env.update(
+            BRAID_AGENT_MODULES="tests.dist_agents", BRAID_TEST_FX_REDIS=redis_url, BRAID_TEST_FX_KEY=fx_key
+        )
+    cluster = Cluster(folder, env, redis_url, asyncpg_dsn(database), prefix, fx_key or f"{prefix}-unused")
     try:
-        cluster.start(apis=2, workers=2)
+        cluster.start(apis=apis, workers=workers)
         yield cluster
     finally:
         for process in [*cluster.workers, *cluster.apis]:
@@ -287,7 +296,19 @@ def cluster(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for process in [*cluster.workers, *cluster.apis]:
             process.wait(30)
         delete_keys(redis_url, Keys(prefix).pattern)
-        delete_keys(redis_url, fx_key)
+        if fx_key is not None:
+            delete_keys(redis_url, fx_key)
+
+
+@pytest.fixture(scope="module")
+def cluster(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two ``braid serve`` processes and two ``braid worker`` processes, as a user runs them."""
+    prefix = f"braid-dist-{uuid.uuid4().hex[:10]}"
+    fx_key = f"{prefix}-fx:executions"  # outside the prefix's keys: survives the data-loss test
+    folder = tmp_path_factory.mktemp("distributed")
+    redis_url = require_redis()
+    with running_cluster(folder, database, redis_url, prefix, apis=2, workers=2, fx_key=fx_key) as cluster:
+        yield cluster
 
 
 # --- talking to the API -------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -31,14 +30,13 @@ from server.runner import MAX_DELIVERIES
 from tests.server_process import free_port
 from tests.services import require_redis
 from tests.test_distributed import (
-    CLEARED,
-    ROOT,
+    RECLAIM_IDLE_MS,
     Cluster,
     Process,
     assert_clean_history,
     asyncpg_dsn,
-    delete_keys,
     put_graph,
+    running_cluster,
     sql,
     start_runs,
     wait_for,
@@ -47,8 +45,6 @@ from tests.test_distributed import (
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
-RECLAIM_IDLE_MS = 3000
-WORKER_CONCURRENCY = 8
 RUNS = 20
 UNAVAILABLE = {"status_code": 503, "detail": "the database is unavailable; try again shortly"}
 
@@ -161,34 +157,10 @@ def postgres() -> Iterator[PrivatePostgres]:
 @pytest.fixture(scope="module")
 def services(postgres: PrivatePostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One ``braid serve`` and two ``braid worker`` processes on the private PostgreSQL."""
-    redis_url = require_redis()
     folder = tmp_path_factory.mktemp("pg-restart")
-    (folder / "examples").mkdir()
     prefix = f"braid-pgr-{uuid.uuid4().hex[:10]}"
-    env = {k: v for k, v in os.environ.items() if k not in (*CLEARED, "BRAID_AGENT_MODULES")}
-    env.update(
-        BRAID_DATABASE_URL=postgres.url,
-        BRAID_REDIS_URL=redis_url,
-        BRAID_REDIS_PREFIX=prefix,
-        BRAID_RECLAIM_IDLE_MS=str(RECLAIM_IDLE_MS),
-        BRAID_WORKER_CONCURRENCY=str(WORKER_CONCURRENCY),
-        BRAID_EXAMPLES_DIR=str(folder / "examples"),
-        BRAID_PROMPTS_DIR=str(ROOT / "prompts"),
-        BRAID_HOST="127.0.0.1",
-        BRAID_MOCK_DELAY="0",
-        PYTHONUNBUFFERED="1",
-    )
-    cluster = Cluster(folder, env, redis_url, asyncpg_dsn(postgres.url), prefix, f"{prefix}-unused")
-    try:
-        cluster.start(apis=1, workers=2)
+    with running_cluster(folder, postgres.url, require_redis(), prefix, apis=1, workers=2) as cluster:
         yield cluster
-    finally:
-        for process in [*cluster.workers, *cluster.apis]:
-            if process.alive:
-                process.popen.send_signal(signal.SIGTERM)
-        for process in [*cluster.workers, *cluster.apis]:
-            process.wait(30)
-        delete_keys(redis_url, Keys(prefix).pattern)
 
 
 def health(api: Process, status_code: int) -> httpx.Response | None:

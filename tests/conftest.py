@@ -5,19 +5,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
 from server.config import Settings
+from tests.server_process import CLEARED, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS_DIR = ROOT / "prompts"
@@ -90,22 +88,9 @@ class Served:
             ) from None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def serve_env(folder: Path, port: int, **extra: str) -> dict[str, str]:
     """The environment of a user running ``braid serve`` in embedded mode with a fresh database."""
-    cleared = (
-        "BRAID_REDIS_URL",
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-        "BRAID_PROVIDERS",
-        "BRAID_AGENT_MODULES",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in cleared}
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
     env.update(
         BRAID_HOST="127.0.0.1",
         BRAID_PORT=str(port),
@@ -133,21 +118,8 @@ def start_serve(folder: Path, env: dict[str, str] | None = None, *, within: floa
             stderr=subprocess.STDOUT,
         )
     served = Served(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + within
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"braid serve exited with {process.returncode}:\n{served.log()[-3000:]}")
-        try:
-            if httpx.get(f"{served.url}/health", timeout=2).status_code == 200:
-                return served
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            served.stop()
-            raise AssertionError(
-                f"braid serve did not answer /health within {within} s:\n{served.log()[-3000:]}"
-            )
-        time.sleep(0.05)  # the poll interval; the deadline above bounds the wait
+    wait_healthy(served.url, process, served.log, served.stop, within)
+    return served
 
 
 @pytest.fixture(scope="session")

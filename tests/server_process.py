@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,19 +97,32 @@ def start_server(
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=log_file, stderr=subprocess.STDOUT)
     server = ServerProcess(f"http://127.0.0.1:{port}", port, folder, dict(env or {}), process, log_path)
-    deadline = time.monotonic() + timeout
+    wait_healthy(server.url, process, server.log, server.stop, timeout)
+    return server
+
+
+def wait_healthy(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Callable[[], str],
+    stop: Callable[[], object],
+    within: float,
+) -> None:
+    """Wait until ``{url}/health`` answers 200; fail with the log's tail if the process exits
+    first, or (after ``stop``) if ``within`` seconds pass."""
+    deadline = time.monotonic() + within
     while True:
         if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{server.log()[-4000:]}")
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log()[-4000:]}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            server.stop()
-            raise AssertionError(f"no answer from /health within {timeout} s:\n{server.log()[-4000:]}")
-        time.sleep(0.05)
+            stop()
+            raise AssertionError(f"no answer from /health within {within} s:\n{log()[-4000:]}")
+        time.sleep(0.05)  # the poll interval; the deadline above bounds the wait
 
 
 @contextmanager

@@ -125,7 +125,7 @@ def test_push_an_invalid_graph_prints_the_problems(cli: Any, served: Served, tmp
 
 
 def test_push_to_no_server_says_so(cli: Any, tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    from tests.server_process import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     code, _, err = cli("push", str(write(tmp_path, GOOD.format(name="x"))), "--server", url)

@@ -214,6 +214,22 @@ async def test_validate_does_not_store(client: Client) -> None:
     assert any(p.startswith("nodes.greet") for p in problem_paths(response))
 
 
+async def test_graphs_up_to_the_size_limit_validate_and_larger_ones_are_422(client: Client) -> None:
+    from server.graph.parse import MAX_NODES
+
+    nodes = {
+        f"n{i}": {"agent": "template", "template": f"step {i} of {{{{ input }}}}"} for i in range(MAX_NODES)
+    }
+    edges = [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(MAX_NODES - 1)]
+    response = await client.post("/graphs/validate", json={"name": "big", "nodes": nodes, "edges": edges})
+    assert response.json() == {"valid": True, "name": "big", "nodes": MAX_NODES}
+
+    too_many = {f"n{i}": {"agent": "template", "template": "x"} for i in range(MAX_NODES + 1)}
+    response = await client.post("/graphs/validate", json={"name": "bigger", "nodes": too_many})
+    assert response.status_code == 422
+    assert problem_paths(response) == ["nodes"]
+
+
 async def test_get_graph_versions_and_errors(client: Client) -> None:
     await client.post("/graphs", json=HELLO)
     assert (await client.get("/graphs/hello", params={"version": 9})).status_code == 404

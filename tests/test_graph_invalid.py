@@ -420,3 +420,92 @@ output: "outputs.write |"
 def test_a_node_id_that_shadows_a_dict_method_is_refused(registry: Registry) -> None:
     messages = problems_at(registry, doc({"items": t()}), "nodes.items")
     assert any("outputs.items" in m for m in messages)
+
+
+# --- documents that are not JSON data, and limits ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "message"),
+    [
+        (
+            "name: g\ndescription: !!binary aGVsbG8=\nnodes: {a: {agent: template, template: x}}\n",
+            "description",
+            "bytes value is not JSON data",
+        ),
+        (
+            "name: g\nnodes: {a: {agent: template, template: x, extra: !!set {p, q}}}\n",
+            "nodes.a.extra",
+            "set value is not JSON data",
+        ),
+        ("name: g\nnodes: {a: {agent: wait, seconds: .inf}}\n", "nodes.a.seconds", "not a JSON number"),
+        (
+            '{"name": "g", "nodes": {"a": {"agent": "wait", "seconds": NaN}}}',
+            "nodes.a.seconds",
+            "not a JSON number",
+        ),
+        (
+            '{"name": "g", "description": "\\ud800", "nodes": {"a": {"agent": "wait", "seconds": 1}}}',
+            "description",
+            "not valid Unicode",
+        ),
+    ],
+)
+def test_values_that_are_not_json_data_are_refused_with_their_path(
+    body: str, path: str, message: str
+) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        load_document(body)
+    problems = caught.value.problems
+    assert [p.path for p in problems] == [path]
+    assert message in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("field", "source"),
+    [
+        ("template", "{% if 1 %}" * 300 + "{% endif %}" * 300),
+        ("template", "{{ " + "[" * 200 + "]" * 200 + " }}"),
+    ],
+)
+def test_a_template_nested_too_deeply_is_a_problem_not_a_crash(
+    registry: Registry, field: str, source: str
+) -> None:
+    messages = problems_at(registry, doc({"a": {"agent": "template", field: source}}), f"nodes.a.{field}")
+    assert any("nested too deeply" in m for m in messages)
+
+
+def test_an_expression_nested_too_deeply_is_a_problem_not_a_crash(registry: Registry) -> None:
+    messages = problems_at(registry, doc(output="(" * 500 + "1" + ")" * 500), "output")
+    assert any("nested too deeply" in m for m in messages)
+
+
+def test_too_many_nodes(registry: Registry) -> None:
+    from server.graph.parse import MAX_NODES
+
+    nodes = {f"n{i}": t() for i in range(MAX_NODES + 1)}
+    messages = problems_at(registry, doc(nodes), "nodes")
+    assert messages == [f"{MAX_NODES + 1} nodes; a graph may have at most {MAX_NODES}"]
+
+
+def test_too_many_edges_after_the_list_sugar(registry: Registry) -> None:
+    from server.graph.parse import MAX_EDGES
+
+    side = int(MAX_EDGES**0.5) + 1  # side * side edges from one entry
+    nodes = {f"a{i}": t() for i in range(side)} | {f"b{i}": t() for i in range(side)}
+    edge = {"from": [f"a{i}" for i in range(side)], "to": [f"b{i}" for i in range(side)]}
+    messages = problems_at(registry, doc(nodes, [edge]), "edges")
+    assert "over 20000 edges" in messages[0]
+
+
+def test_a_graph_at_the_node_limit_validates_in_linear_time(registry: Registry) -> None:
+    """A chain at the node limit: its loop and cycle checks are linear (they were quadratic)."""
+    from server.graph.parse import MAX_NODES
+
+    nodes = {f"n{i}": t(f"step {i}") for i in range(MAX_NODES)}
+    edges = [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(MAX_NODES - 1)]
+    graph = build_graph(doc(nodes, edges), registry)
+    assert graph.order[0] == "n0"
+    assert graph.order[-1] == f"n{MAX_NODES - 1}"
+    assert [e.target for e in graph.outgoing["n0"]] == ["n1"]
+    assert [e.source for e in graph.incoming[f"n{MAX_NODES - 1}"]] == [f"n{MAX_NODES - 2}"]

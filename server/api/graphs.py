@@ -36,7 +36,11 @@ async def read_graph(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 def validate(spec: dict[str, Any], braid: NamedDependency[Braid], name: str | None = None) -> Graph:
-    """Build the graph; with ``name`` (from the path) the body's name must match it or be absent."""
+    """Build the graph; with ``name`` (from the path) the body's name must match it or be absent.
+
+    It is built on the event loop: CPython 3.11's ``compile()`` (Jinja's templates) is not safe
+    beside another thread compiling or importing (python/cpython#106905), so validation stays
+    in one thread, bounded by the graph size limits (``MAX_NODES``, ``MAX_EDGES``)."""
     problems: list[Problem] = []
     if name is not None:
         given = spec.get("name")

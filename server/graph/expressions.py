@@ -8,8 +8,10 @@ context passed in is plain data only (dicts, lists, scalars).
 
 from __future__ import annotations
 
+import functools
 import operator as op
 from collections.abc import Callable, Mapping
+from types import CodeType
 from typing import Any
 
 import jinja2
@@ -77,6 +79,19 @@ def _check_length(source: str) -> None:
         raise ExpressionError(f"too long: {len(source)} characters (at most {MAX_SOURCE})")
 
 
+@functools.lru_cache(maxsize=4096)
+def _compile_expression(source: str) -> Callable[..., Any]:
+    """Compiled once per source text: a large graph repeats its expressions."""
+    return ENV.compile_expression(source, undefined_to_none=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_template(source: str) -> CodeType:
+    """Compiled once per source text (the code; each ``Template`` gets a template object of its
+    own, since a prompt file's sets its name)."""
+    return ENV.compile(source)
+
+
 class Expression:
     """A compiled Jinja2 expression, such as ``not outputs.critic.approved``."""
 
@@ -87,9 +102,11 @@ class Expression:
             raise ExpressionError(f"an expression must be a string, not {type(source).__name__}")
         _check_length(source)
         try:
-            self._fn: Callable[..., Any] = ENV.compile_expression(source, undefined_to_none=False)
+            self._fn: Callable[..., Any] = _compile_expression(source)
         except jinja2.TemplateSyntaxError as exc:
             raise ExpressionError(f"invalid expression {source!r}: {_describe(exc)}") from None
+        except RecursionError:
+            raise ExpressionError(f"invalid expression {source[:60]!r}...: nested too deeply") from None
         self.source = source
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
@@ -121,11 +138,14 @@ class Template:
             raise ExpressionError(f"a template must be a string, not {type(source).__name__}")
         if name is None:  # prompt files may be longer than inline templates
             _check_length(source)
+        where = f" in {name}" if name else ""
         try:
-            self._template = ENV.from_string(source)
+            code = _compile_template(source)
         except jinja2.TemplateSyntaxError as exc:
-            where = f" in {name}" if name else ""
             raise ExpressionError(f"invalid template{where}: {_describe(exc)}") from None
+        except RecursionError:
+            raise ExpressionError(f"invalid template{where}: nested too deeply") from None
+        self._template = ENV.template_class.from_code(ENV, code, ENV.make_globals(None))
         if name:
             self._template.name = name
         self.source = source

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ DEFAULTABLE = ("timeout", "retry", "on_error")
 
 MAX_VALUES = 100_000
 """Most values a document may hold once YAML aliases are expanded (stops alias bombs)."""
+
+MAX_NODES = 2_000
+MAX_EDGES = 20_000
+"""Most nodes and edges (after the ``from``/``to`` list sugar) one graph may have: validating
+the largest graph, every node with a template of its own, takes about a second."""
 
 Loc = Sequence[str | int]
 
@@ -128,9 +134,49 @@ def _load_json(text: str) -> Any:
         raise ValidationFailed([Problem("", "the document is nested too deeply")]) from None
     problems: list[Problem] = []
     data = _plain_json(data, (), problems)
+    problems += json_problems(data)
     if problems:
         raise ValidationFailed(problems)
     return data
+
+
+def json_problems(value: Any, loc: tuple[str | int, ...] = ()) -> list[Problem]:
+    """Where ``value`` is not plain JSON data that every store and client can take: a value of
+    another type (YAML's ``!!binary`` or ``!!set``), a number that is not finite (``NaN``,
+    ``Infinity``), a string that is not valid Unicode (a lone surrogate such as ``"\\ud800"``)."""
+    problems: list[Problem] = []
+    todo: list[tuple[Any, tuple[str | int, ...]]] = [(value, loc)]
+    while todo and len(problems) < 100:
+        item, at = todo.pop()
+        if isinstance(item, str):
+            if not item.isascii() and not _is_unicode(item):
+                problems.append(Problem(dotted(at), "a string that is not valid Unicode (a lone surrogate)"))
+        elif isinstance(item, bool | int | None):
+            pass
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                problems.append(Problem(dotted(at), f"{item} is not a JSON number; use a finite number"))
+        elif isinstance(item, dict):
+            for key, v in cast(dict[Any, Any], item).items():
+                if not isinstance(key, str):
+                    problems.append(Problem(dotted(at), f"the key {key!r} is not a string"))
+                    continue
+                if not key.isascii() and not _is_unicode(key):
+                    problems.append(Problem(dotted(at), "a key that is not valid Unicode (a lone surrogate)"))
+                todo.append((v, (*at, key)))
+        elif isinstance(item, list):
+            todo.extend((v, (*at, i)) for i, v in enumerate(cast(list[Any], item)))
+        else:
+            problems.append(Problem(dotted(at), f"a {type(item).__name__} value is not JSON data"))
+    return sorted(problems, key=lambda p: p.path)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _plain_json(value: Any, loc: tuple[str | int, ...], problems: list[Problem]) -> Any:
@@ -174,7 +220,11 @@ def _load_yaml(text: str) -> Any:
         _check_yaml(root, (), problems, [0])
         if problems:
             raise ValidationFailed(problems)
-        return loader.construct_document(root)
+        data = loader.construct_document(root)
+        problems = json_problems(data)
+        if problems:
+            raise ValidationFailed(problems)
+        return data
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -397,6 +447,10 @@ def build_graph(data: dict[str, Any], registry: Registry, context: ValidationCon
         problems += _schema_problems(cast(dict[str, Any], schema))
 
     raw_nodes: dict[str, Any] = data["nodes"] if isinstance(data.get("nodes"), dict) else {}
+    if len(raw_nodes) > MAX_NODES:
+        raise ValidationFailed(
+            [Problem("nodes", f"{len(raw_nodes)} nodes; a graph may have at most {MAX_NODES}")]
+        )
     raw_defaults: dict[str, Any] = data["defaults"] if isinstance(data.get("defaults"), dict) else {}
     if "nodes" in data and isinstance(data["nodes"], dict) and not raw_nodes:
         problems.append(Problem("nodes", "a graph needs at least one node"))
@@ -436,6 +490,12 @@ def build_graph(data: dict[str, Any], registry: Registry, context: ValidationCon
         Edge(link.source, link.target, _when(raw_edges[link.position]), k in topology.back, k)
         for k, link in enumerate(links)
     ]
+    incoming: dict[str, list[Edge]] = {n: [] for n in built.nodes}
+    outgoing: dict[str, list[Edge]] = {n: [] for n in built.nodes}
+    for edge in edges:
+        outgoing[edge.source].append(edge)
+        if not edge.back:
+            incoming[edge.target].append(edge)
     return Graph(
         name=document.name,
         nodes=built.nodes,
@@ -447,8 +507,8 @@ def build_graph(data: dict[str, Any], registry: Registry, context: ValidationCon
         output=document.output,
         spec=copy.deepcopy(data),
         entry=topology.entry,
-        incoming={n: [e for e in edges if e.target == n and not e.back] for n in built.nodes},
-        outgoing={n: [e for e in edges if e.source == n] for n in built.nodes},
+        incoming=incoming,
+        outgoing=outgoing,
         loop_body=topology.loop_body,
         order=topology.order,
     )
@@ -650,5 +710,9 @@ def _links(raw_edges: list[Any], node_ids: list[str] | None) -> tuple[list[Link]
                     )
                     continue
                 seen[(source, target)] = i
+                if len(links) == MAX_EDGES:
+                    raise ValidationFailed(
+                        [Problem("edges", f"over {MAX_EDGES} edges (lists in from/to counted out)")]
+                    )
                 links.append(Link(source, target, conditional, i))
     return links, complete, problems

@@ -5,8 +5,9 @@
 
 Braid: a fresh Postgres database (dropped afterwards) and an empty Redis database (Braid's keys
 deleted afterwards); `python -m server.cli serve` and two `python -m server.cli worker`; runs of
-three `template` nodes submitted through `POST /graphs/{name}/runs` by an httpx client with at most
-``--concurrency`` requests in flight; completion watched on the `GET /events` feed. Latencies are
+three `template` nodes submitted through `POST /graphs/{name}/runs` over ``--concurrency`` keep-alive
+connections (``bench.client``: httpx's pool cost more CPU than the API process it measured, on the
+same two cores); completion watched on the `GET /events` feed. Latencies are
 the run's `started_at` / `finished_at` (server clock, same machine) minus the client's POST time.
 Celery: `chain(noop, noop, noop)` through `celery -A bench.celery_app worker -P prefork
 --concurrency=2`; the finish time is the last task's `date_done`.
@@ -16,7 +17,6 @@ Targets: ≥ 1,000 durable node executions/s and ≥ 1.0x Celery.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import httpx
 
+from bench.client import Connection
 from bench.common import (
     POSTGRES_URL,
     REDIS_URL,
@@ -136,9 +137,9 @@ def delete_keys(db: int, patterns: tuple[str, ...]) -> int:
 
 
 async def drive_braid(url: str, runs: int, concurrency: int) -> dict[str, Any]:
-    """Submit ``runs`` runs, wait for all to finish, return the timings."""
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    """Submit ``runs`` runs from ``concurrency`` connections, wait for all to finish, return the
+    timings."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         response = await client.put(f"/graphs/{GRAPH}", json=chain3_spec())
         if response.status_code not in (200, 201):
             raise RuntimeError(f"PUT /graphs/{GRAPH}: {response.status_code} {response.text[:500]}")
@@ -146,80 +147,89 @@ async def drive_braid(url: str, runs: int, concurrency: int) -> dict[str, Any]:
         if warm.status_code != 200 or warm.json().get("status") != "succeeded":
             raise RuntimeError(f"a first run did not succeed: {warm.status_code} {warm.text[:500]}")
 
-        finished: set[str] = set()
-        posted: dict[str, float] = {}
-        all_done = anyio.Event()
-        feed_ready = anyio.Event()
+    finished: set[str] = set()
+    posted: dict[str, float] = {}
+    all_done = anyio.Event()
+    feed_ready = anyio.Event()
+    heard = time.monotonic()
 
-        def check_done() -> None:
-            if len(posted) == runs and finished.issuperset(posted):
-                all_done.set()
+    def check_done() -> None:
+        if len(posted) == runs and finished.issuperset(posted):
+            all_done.set()
 
-        async def follow_feed() -> None:
-            async with client.stream("GET", "/events", timeout=httpx.Timeout(60, read=None)) as stream:
+    async def follow_feed() -> None:
+        nonlocal heard
+        connection = Connection.to(url)
+        async for _, event in connection.stream("GET", "/events"):
+            heard = time.monotonic()
+            if event is None:
                 feed_ready.set()
-                async for line in stream.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    event = json.loads(line[5:])
-                    if event.get("type") == "workflow.finished":
-                        finished.add(event["run_id"])
-                        check_done()
-
-        async def poll_stragglers() -> None:
-            # A safety net in case the feed misses something: ask for runs the feed has not reported.
-            while True:
-                await anyio.sleep(2)
-                for run_id in [r for r in posted if r not in finished][:50]:
-                    run = (await client.get(f"/runs/{run_id}")).json()
-                    if run.get("finished_at"):
-                        finished.add(run_id)
+            elif event.get("type") == "workflow.finished":
+                finished.add(event["run_id"])
                 check_done()
 
-        limiter = anyio.Semaphore(concurrency)
-        errors: list[str] = []
+    async def poll_stragglers() -> None:
+        # A safety net in case the feed misses something: when it has been quiet for a while, ask
+        # for runs it has not reported (not before: polling would load the server it measures).
+        connection = Connection.to(url)
+        while True:
+            await anyio.sleep(1)
+            if time.monotonic() - heard < 3:
+                continue
+            for run_id in [r for r in posted if r not in finished][:50]:
+                run = (await connection.request("GET", f"/runs/{run_id}")).json()
+                if run.get("finished_at"):
+                    finished.add(run_id)
+            check_done()
 
-        async def submit(i: int) -> None:
-            async with limiter:
-                began = time.time()
-                response = await client.post(f"/graphs/{GRAPH}/runs", json={"input": {"i": i}})
-                if response.status_code != 202:
-                    errors.append(f"{response.status_code} {response.text[:200]}")
-                    return
-                posted[response.json()["id"]] = began
-                check_done()
+    errors: list[str] = []
+    connections = [Connection.to(url) for _ in range(min(concurrency, runs))]
+    numbers = iter(range(runs))
 
-        first_post = submitted = done_at = 0.0
-        waiting = anyio.CancelScope()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follow_feed)
-            with anyio.fail_after(10):
-                await feed_ready.wait()
-            tg.start_soon(poll_stragglers)
-            first_post = time.time()
-            async with anyio.create_task_group() as submitters:
-                for i in range(runs):
-                    submitters.start_soon(submit, i)
-            submitted = time.time()
-            if errors:
-                raise RuntimeError(f"{len(errors)} POSTs failed, the first: {errors[0]}")
-            with anyio.move_on_after(TIMEOUT_SECONDS) as waiting:
-                await all_done.wait()
-            done_at = time.time()
-            tg.cancel_scope.cancel()
-        if waiting.cancelled_caught:
-            missing = len(set(posted) - finished)
-            raise RuntimeError(f"{missing} of {runs} runs had not finished after {TIMEOUT_SECONDS:g}s")
+    async def submit(connection: Connection) -> None:
+        for i in numbers:
+            began = time.time()
+            response = await connection.request("POST", f"/graphs/{GRAPH}/runs", {"input": {"i": i}})
+            if response.status != 202:
+                errors.append(f"{response.status} {response.body[:200]!r}")
+                continue
+            posted[response.json()["id"]] = began
+            check_done()
 
-        fetched: list[dict[str, Any]] = []
+    first_post = submitted = done_at = 0.0
+    waiting = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow_feed)
+        with anyio.fail_after(10):
+            await feed_ready.wait()
+        tg.start_soon(poll_stragglers)
+        first_post = time.time()
+        async with anyio.create_task_group() as submitters:
+            for connection in connections:
+                submitters.start_soon(submit, connection)
+        submitted = time.time()
+        if errors:
+            raise RuntimeError(f"{len(errors)} POSTs failed, the first: {errors[0]}")
+        with anyio.move_on_after(TIMEOUT_SECONDS) as waiting:
+            await all_done.wait()
+        done_at = time.time()
+        tg.cancel_scope.cancel()
+    if waiting.cancelled_caught:
+        missing = len(set(posted) - finished)
+        raise RuntimeError(f"{missing} of {runs} runs had not finished after {TIMEOUT_SECONDS:g}s")
 
-        async def fetch(run_id: str) -> None:
-            async with limiter:
-                fetched.append((await client.get(f"/runs/{run_id}")).json())
+    fetched: list[dict[str, Any]] = []
+    run_ids = iter(list(posted))
 
-        async with anyio.create_task_group() as tg:
-            for run_id in posted:
-                tg.start_soon(fetch, run_id)
+    async def fetch(connection: Connection) -> None:
+        for run_id in run_ids:
+            fetched.append((await connection.request("GET", f"/runs/{run_id}")).json())
+
+    async with anyio.create_task_group() as tg:
+        for connection in connections:
+            tg.start_soon(fetch, connection)
+    for connection in connections:
+        await connection.close()
 
     statuses = [run["status"] for run in fetched]
     failed = [s for s in statuses if s != "succeeded"]

@@ -9,15 +9,16 @@
    then a template node): the delay from each ``node.completed`` event's ``at`` to its receipt,
    counted for subscribers connected before the event. The clients share the machine (and one
    event loop), so their own lag is in the figure.
+
+The clients are ``bench.client`` connections (keep-alive HTTP/1.1, parsed by httptools), not
+httpx: httpx cost about as much CPU per streamed run as the server, on the same two cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import anyio
 import httpx
 
+from bench.client import Connection
 from bench.common import Child, child_env, children, free_port, percentile, spawn, table, wait_healthy
 
 CHAIN = "bench-stream3"
@@ -53,60 +55,52 @@ def _at(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["at"]).timestamp()
 
 
-async def events_of(response: httpx.Response) -> AsyncIterator[tuple[float, dict[str, Any]]]:
-    """The JSON events of an SSE response, with their receipt time: (time, event)."""
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            yield time.time(), json.loads(line[5:])
-
-
 # --- 1. runs streamed from their POST ------------------------------------------------------------
 
 
-async def streamed_round(client: httpx.AsyncClient, clients: int) -> tuple[list[float], list[float]]:
+async def streamed_round(connections: list[Connection]) -> tuple[list[float], list[float]]:
     started: list[float] = []
     finished: list[float] = []
     go = anyio.Event()
 
-    async def one() -> None:
+    async def one(connection: Connection) -> None:
         await go.wait()
         began = time.time()
-        async with client.stream(
-            "POST", f"/graphs/{CHAIN}/runs", params={"stream": "true"}, json={}
-        ) as response:
-            if response.status_code != 200:
-                raise RuntimeError(
-                    f"POST ?stream=true: {response.status_code} {(await response.aread())[:300]!r}"
-                )
-            async for received, event in events_of(response):
-                if event["type"] == "workflow.started":
-                    started.append(received - began)
-                elif event["type"] == "workflow.finished":
-                    if event.get("status") != "succeeded":
-                        raise RuntimeError(f"a run ended {event.get('status')}: {event.get('error')}")
-                    finished.append(received - began)
-                    return
+        path = f"/graphs/{CHAIN}/runs?stream=true"
+        async for received, event in connection.stream("POST", path, {}):
+            if event is None:
+                continue
+            if event["type"] == "workflow.started":
+                started.append(received - began)
+            elif event["type"] == "workflow.finished":
+                if event.get("status") != "succeeded":
+                    raise RuntimeError(f"a run ended {event.get('status')}: {event.get('error')}")
+                finished.append(received - began)
 
     async with anyio.create_task_group() as tg:
-        for _ in range(clients):
-            tg.start_soon(one)
+        for connection in connections:
+            tg.start_soon(one, connection)
         await anyio.sleep(0.05)  # every client waiting on ``go``: they all start together
         go.set()
     return started, finished
 
 
 async def measure_streamed(url: str, clients: int, rounds: int) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30, read=60), limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         response = await client.put(f"/graphs/{CHAIN}", json=chain_spec())
         response.raise_for_status()
-        await streamed_round(client, clients)  # warm-up
+    connections = [Connection.to(url) for _ in range(clients)]
+    try:
+        await streamed_round(connections)  # warm-up (and the connections opened)
         started: list[float] = []
         finished: list[float] = []
         for _ in range(rounds):
-            s, f = await streamed_round(client, clients)
+            s, f = await streamed_round(connections)
             started += s
             finished += f
+    finally:
+        for connection in connections:
+            await connection.close()
     return {
         "clients": clients,
         "rounds": rounds,
@@ -119,41 +113,41 @@ async def measure_streamed(url: str, clients: int, rounds: int) -> dict[str, Any
 
 
 async def measure_fanout(url: str, subscribers: int, hold: float) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=subscribers + 8, max_keepalive_connections=subscribers + 8)
-    timeout = httpx.Timeout(60, read=hold + 60, pool=60)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         (await client.put(f"/graphs/{HOLD}", json=hold_spec(hold))).raise_for_status()
         response = await client.post(f"/graphs/{HOLD}/runs", json={})
         response.raise_for_status()
         run_id = response.json()["id"]
-        posted = time.time()
-        connected: list[float] = []
-        delays: list[float] = []
-        late = 0
-        failures: list[str] = []
+    posted = time.time()
+    connected: list[float] = []
+    delays: list[float] = []
+    late = 0
+    failures: list[str] = []
 
-        async def subscribe() -> None:
-            nonlocal late
-            try:
-                async with client.stream("GET", f"/runs/{run_id}/events") as stream:
-                    since = time.time()
+    async def subscribe() -> None:
+        nonlocal late
+        connection = Connection.to(url)
+        since = 0.0
+        try:
+            async for received, event in connection.stream("GET", f"/runs/{run_id}/events"):
+                if event is None:
+                    since = received
                     connected.append(since - posted)
-                    async for received, event in events_of(stream):
-                        if event["type"] == "node.completed":
-                            at = _at(event)
-                            if at >= since:
-                                delays.append(received - at)
-                            else:
-                                late += 1
-                        elif event["type"] == "workflow.finished":
-                            return
-            except httpx.HTTPError as exc:
-                failures.append(str(exc) or type(exc).__name__)
+                elif event["type"] == "node.completed":
+                    at = _at(event)
+                    if at >= since:
+                        delays.append(received - at)
+                    else:
+                        late += 1
+        except (OSError, ConnectionError) as exc:
+            failures.append(str(exc) or type(exc).__name__)
+        finally:
+            await connection.close()
 
-        with anyio.fail_after(hold + 120):
-            async with anyio.create_task_group() as tg:
-                for _ in range(subscribers):
-                    tg.start_soon(subscribe)
+    with anyio.fail_after(hold + 120):
+        async with anyio.create_task_group() as tg:
+            for _ in range(subscribers):
+                tg.start_soon(subscribe)
     return {
         "subscribers": subscribers,
         "hold_seconds": hold,

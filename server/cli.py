@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -110,7 +111,9 @@ def worker(args: argparse.Namespace) -> int:
             "postgresql+asyncpg://...). In embedded mode `braid serve` runs the runs itself.",
             2,
         )
-    anyio.run(_work, settings)
+    # uvloop when installed (uvicorn's standard extra brings it), as `braid serve` runs on it:
+    # a worker's time is mostly event-loop work (Redis, Postgres, the engine's tasks).
+    anyio.run(_work, settings, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})
     return 0
 
 

@@ -96,8 +96,9 @@ class Runs:
         return await self.store.get_run(run_id)
 
     async def wait(self, run_id: str, timeout: float) -> RunRecord:
-        """The run once it ended, or as it is when ``timeout`` seconds have passed."""
-        with anyio.move_on_after(timeout):
+        """The run once it ended, or as it is when ``timeout`` seconds have passed — or at once
+        when its events cannot be followed (Redis away: the run cannot progress meanwhile)."""
+        with anyio.move_on_after(timeout), contextlib.suppress(Unavailable):
             async with self.bus.subscribe(run_id) as subscription:
                 run = await self.store.get_run(run_id)
                 while not run.status.ended:

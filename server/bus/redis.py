@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from server.bus.memory import DEFAULT_BUFFER, Buffer
+from server.errors import Unavailable
 from server.events import Event
 from server.keys import DEFAULT_PREFIX, Keys
 from server.queue.redis import TRANSIENT, client_name, connect, stream_entries, text
@@ -196,7 +197,10 @@ class RedisBus:
             await self.redis.aclose()
 
     async def _last_id(self, key: str) -> str:
-        last = await self.redis.xrevrange(key, "+", "-", count=1)
+        try:
+            last = await self.redis.xrevrange(key, "+", "-", count=1)
+        except TRANSIENT as exc:
+            raise Unavailable(f"Redis is unavailable ({exc}); try again shortly") from exc
         return text(last[0][0]) if last else "0-0"
 
     async def _read(self, key: str, last: str, buffer: Buffer) -> None:

@@ -54,8 +54,12 @@ def node_count(shape: str, size: int) -> int:
 # --- Braid ---------------------------------------------------------------------------------------
 
 
+ENGINE = Engine()
+"""One engine for every run, as a worker has (it keeps what the runs of a graph share)."""
+
+
 async def braid_memory(graph: Graph) -> None:
-    update = await Engine().run(graph, RunInfo(token(), graph.name, 1, {}), MemoryRecorder())
+    update = await ENGINE.run(graph, RunInfo(token(), graph.name, 1, {}), MemoryRecorder())
     assert update.status == RunStatus.SUCCEEDED, update
 
 
@@ -73,7 +77,7 @@ class SqliteRuns:
             await self.store.create_graph(graph.name, graph.spec, None, len(graph.nodes))
             self.created.add(graph.name)
         record, _ = await self.store.create_run(graph.name, 1, {})
-        update = await Engine().run(graph, RunInfo(record.id, graph.name, 1, {}), self.store)
+        update = await ENGINE.run(graph, RunInfo(record.id, graph.name, 1, {}), self.store)
         assert update.status == RunStatus.SUCCEEDED, update
 
 

@@ -443,7 +443,9 @@ def test_runs_spread_over_workers_and_survive_one_killed(cluster: Cluster) -> No
     assert len(resumed) >= 2, "no run of the killed worker was resumed by another"
     for run_id in run_ids:
         events = assert_clean_history(api, run_id, "succeeded")
-        if run_id in resumed:
+        if run_id in resumed and (run_id, "a", 0) in completed_before:
+            # Resumed after `a` was persisted: `a` is not started again. (A run whose `a` was
+            # still in flight on the victim starts it again: at-least-once, as DESIGN.md says.)
             started = [e["node"] for e in events if e["type"] == "node.started"]
             assert started.count("a") == 1, f"run {run_id}: {started}"
 

@@ -23,14 +23,18 @@ Choices where DESIGN.md is silent:
 
 from __future__ import annotations
 
+import math
+import types
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Generator, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -47,12 +51,79 @@ from server.events import Event, utcnow
 from server.graph.model import Edge, Graph, Node, RetryPolicy
 from server.status import EventType, NodeStatus, RunStatus
 
+PLAN_CACHE_SIZE = 256
+"""Graphs whose run plan an engine keeps."""
+
 RECORD_TIMEOUT = 10.0
 """Longest wait for one ``Recorder.record`` call; beyond it the store is taken to be gone."""
 
 
+T = TypeVar("T")
+
+
 class RecordTimeout(BraidError):
     """The recorder did not answer in time: the run stops where it is, to be resumed later."""
+
+
+_GUARD: ContextVar[anyio.CancelScope | None] = ContextVar("braid_record_guard", default=None)
+"""The cancel scope a node task (or map item task) runs in, shielded while it records: one
+scope per task instead of a shielded scope per event (anyio's scopes cost several µs each)."""
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, T], step: Any) -> Generator[Any, Any, T]:
+    """Await the rest of ``coro``, which already ran to its first suspension and yielded
+    ``step`` (as ``yield from`` would, from there on). Nothing may enter or leave a cancel scope
+    in between: the scopes ``coro`` entered stay this task's innermost ones."""
+    while True:
+        try:
+            sent = yield step
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                step = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                step = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+class _Slots:
+    """A run's bound on nodes (or map items) executing at once: ``anyio.CapacityLimiter``
+    without its trip through the event loop on every acquire. Waiters get slots in order."""
+
+    __slots__ = ("free", "waiting")
+
+    def __init__(self, total: int) -> None:
+        self.free = max(1, total)
+        self.waiting: deque[anyio.Event] = deque()
+
+    async def acquire(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return
+        handed = anyio.Event()
+        self.waiting.append(handed)
+        try:
+            await handed.wait()
+        except BaseException:
+            if handed.is_set():  # the slot came with the cancellation: pass it on
+                self.release()
+            else:
+                self.waiting.remove(handed)
+            raise
+
+    def release(self) -> None:
+        if self.waiting:
+            self.waiting.popleft().set()  # the slot goes straight to the first waiter
+        else:
+            self.free += 1
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -234,6 +305,18 @@ class Engine:
     def __init__(self, resources: Resources | None = None, env: Mapping[str, str] | None = None) -> None:
         self.resources = resources if resources is not None else Resources()
         self.env: dict[str, str] = dict(env or {})
+        # Per graph (by identity; the graph is kept so its id is not reused): what its runs share.
+        self._plans: dict[int, tuple[Graph, _Plan]] = {}
+
+    def plan(self, graph: Graph) -> _Plan:
+        cached = self._plans.get(id(graph))
+        if cached is not None and cached[0] is graph:
+            return cached[1]
+        plan = _Plan.of(graph)
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            del self._plans[next(iter(self._plans))]
+        self._plans[id(graph)] = (graph, plan)
+        return plan
 
     async def run(
         self,
@@ -256,6 +339,29 @@ class Engine:
 
 
 # --- one run -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What the runs of one graph share (read only): edges by index, each node's forward edges,
+    and where a node goes when none of its edges has a `when` (known before it runs)."""
+
+    edges: dict[int, Edge]
+    forward_out: dict[str, list[Edge]]
+    fixed: dict[str, _Decision]
+
+    @classmethod
+    def of(cls, graph: Graph) -> _Plan:
+        forward_out = {n: [e for e in graph.outgoing.get(n, []) if not e.back] for n in graph.nodes}
+        fixed: dict[str, _Decision] = {}
+        for n in graph.nodes:
+            out = graph.outgoing.get(n, [])
+            if all(e.when is None for e in out):
+                back = next((e for e in out if e.back), None)
+                forward = [] if back is not None else [(e, True) for e in forward_out[n]]
+                fixed[n] = _Decision(back=back, forward=forward)
+        return cls({e.index: e for e in graph.edges}, forward_out, fixed)
+
 
 _PENDING, _ACTIVE, _DONE = 0, 1, 2
 """A node's phase in its current pass: waiting for its inputs, started, ended (or skipped)."""
@@ -291,19 +397,18 @@ class _Run:
         # depend on one of them, so it starts only once they are recorded (see ``advance``).
         self.skip_lock = anyio.Lock()
         self.skipping = 0
-        self.limiter = anyio.CapacityLimiter(max(1, graph.concurrency))
+        self.slots = _Slots(graph.concurrency)
         # Map items get their own slots: a mapped node holds a node slot while its items run.
         self.item_limiter = anyio.CapacityLimiter(max(1, graph.concurrency))
-        self.edges = {e.index: e for e in graph.edges}
-        self.forward_out = {n: [e for e in graph.outgoing.get(n, []) if not e.back] for n in graph.nodes}
-        # Where a node goes when none of its edges has a `when`: known before it runs.
-        self.fixed: dict[str, _Decision] = {}
-        for n in graph.nodes:
-            out = graph.outgoing.get(n, [])
-            if all(e.when is None for e in out):
-                back = next((e for e in out if e.back), None)
-                forward = [] if back is not None else [(e, True) for e in self.forward_out[n]]
-                self.fixed[n] = _Decision(back=back, forward=forward)
+        # Whether every guarded ``record`` so far returned without suspending (an in-memory
+        # recorder): a node then goes on with its successor in its own task; otherwise it starts
+        # its successors while its completion is being recorded, so their ``node.started`` joins
+        # the same commit (see ``completed``).
+        self.immediate = True
+        plan = engine.plan(graph)
+        self.edges = plan.edges
+        self.forward_out = plan.forward_out
+        self.fixed = plan.fixed
         self.replay: dict[tuple[str, int, int | None], NodeExecution] = {}
         for ex in state.executions:
             node = graph.nodes.get(ex.node)
@@ -402,7 +507,12 @@ class _Run:
         return {n: self.outputs[n] for n in ran} if ran else None
 
     async def emit(
-        self, type: EventType, data: dict[str, Any], change: NodeExecution | RunUpdate | None
+        self,
+        type: EventType,
+        data: dict[str, Any],
+        change: NodeExecution | RunUpdate | None,
+        *,
+        guarded: bool = True,
     ) -> None:
         """Number ``data`` as the run's next event and record it.
 
@@ -410,11 +520,19 @@ class _Run:
         recorder is entered in sequence order while the calls of concurrent nodes overlap (the
         store commits them together; see ``Recorder``). Shielded, so a cancellation never leaves
         a gap in the sequence, and bounded, so a dead store cannot hang the run. Once a recording
-        failed nothing more is recorded: the run stops there, to be resumed, without a gap."""
+        failed nothing more is recorded: the run stops there, to be resumed, without a gap.
+
+        In a node task (``guarded``: not inside a scope of its own, as an agent's ``node.delta``
+        is) the shield is the task's guard scope, and the deadline is set only if ``record``
+        suspends."""
         if self.broken is not None:
             raise self.broken
         self.seq += 1
         event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
+        guard = _GUARD.get() if guarded else None
+        if guard is not None:
+            await self._record_guarded(guard, event, change)
+            return
         with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
             try:
                 await self.recorder.record(event, change)
@@ -426,6 +544,39 @@ class _Run:
                 f"recording {type} took over {RECORD_TIMEOUT:g}s: is the store reachable?"
             )
             raise self.broken
+
+    async def _record_guarded(
+        self, guard: anyio.CancelScope, event: Event, change: NodeExecution | RunUpdate | None
+    ) -> None:
+        guard.shield = True
+        try:
+            record = self.recorder.record(event, change)
+            try:
+                step = record.send(None)
+            except StopIteration:
+                return  # recorded without suspending
+            except Exception as exc:
+                self.broken = exc
+                raise
+            self.immediate = False
+            guard.deadline = anyio.current_time() + RECORD_TIMEOUT
+            try:
+                await _resume(record, step)
+            except anyio.get_cancelled_exc_class():
+                if not guard.cancel_called:
+                    raise
+                self.broken = RecordTimeout(
+                    f"recording {event.type} took over {RECORD_TIMEOUT:g}s: is the store reachable?"
+                )
+                raise self.broken from None
+            except Exception as exc:
+                self.broken = exc
+                raise
+            finally:
+                if not guard.cancel_called:
+                    guard.deadline = math.inf
+        finally:
+            guard.shield = False
 
     def variables(self, node: str | None, iteration: int, *, copy: bool = False) -> dict[str, Any]:
         """The template context. ``copy``: for an agent, which may keep or change what it gets,
@@ -446,18 +597,43 @@ class _Run:
     # --- scheduling ---
 
     async def node_task(self, name: str) -> None:
-        try:
-            async with self.limiter:
-                decision = await self.execute_node(name)
-            if decision is not None:
-                await self.advance(name, decision)
-        except Exception as exc:  # the recorder failed: stop here, to be resumed later
-            if self.crash is None:
-                self.crash = exc
-            self.scope.cancel()
+        """Execute ``name``, then (with an immediate recorder) the nodes it makes ready, one
+        after another while they end without suspending (no-op and template agents): a task
+        costs more than such a node. The nodes still to run when one suspends get tasks of
+        their own, so everything that waits still waits concurrently."""
+        with anyio.CancelScope() as guard:
+            _GUARD.set(guard)
+            try:
+                queue = deque([name])
+                while queue:
+                    run = self.run_node(queue.popleft())
+                    try:
+                        step = run.send(None)
+                    except StopIteration as stop:
+                        queue.extend(stop.value)
+                        continue
+                    while queue:
+                        node = queue.popleft()
+                        self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
+                    queue.extend(await _resume(run, step))
+            except Exception as exc:  # the recorder failed: stop here, to be resumed later
+                if self.crash is None:
+                    self.crash = exc
+                self.scope.cancel()
 
-    async def advance(self, name: str, decision: _Decision) -> None:
-        """Resolve the edges of ``name``, which just ended, then skip or start what that decides."""
+    async def run_node(self, name: str) -> list[str]:
+        """Execute ``name`` in a slot, then advance: the ready nodes left to this task to run."""
+        await self.slots.acquire()
+        try:
+            decision = await self.execute_node(name)
+        finally:
+            self.slots.release()
+        if decision is None:
+            return []
+        return await self.advance(name, decision, inline=self.immediate)
+
+    def resolve(self, name: str, decision: _Decision) -> tuple[list[tuple[str, int]], list[str]]:
+        """Resolve the edges of ``name``, which just ended: the nodes to skip, and to start."""
         self.phase[name] = _DONE
         skipped: list[tuple[str, int]] = []
         ready: list[str] = []
@@ -466,21 +642,44 @@ class _Run:
             ready.append(decision.back.target)
         else:
             self.propagate(deque(decision.forward), skipped, ready)
+        return skipped, ready
+
+    async def advance(self, name: str, decision: _Decision, *, inline: bool = False) -> list[str]:
+        """Resolve the edges of ``name``, which just ended, then skip or start what that decides;
+        with ``inline``, the nodes to start are returned for the caller's task to run instead."""
+        skipped, ready = self.resolve(name, decision)
+        return await self.launch(skipped, ready, inline=inline)
+
+    async def launch(self, skipped: list[tuple[str, int]], ready: list[str], *, inline: bool) -> list[str]:
         if not skipped and not self.skipping:
-            for node in ready:
-                self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
-            return
-        # Skips are recorded one at a time; whatever starts or is skipped meanwhile (here or in
-        # another branch) may depend on them, so it waits until they are all recorded.
+            return self.start(ready, inline=inline)
         self.skipping += 1
         try:
-            async with self.skip_lock:
-                for node, iteration in skipped:
-                    await self.skip(node, iteration)
-                for node in ready:
-                    self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
+            return await self.skip_then_start(skipped, ready, inline=inline)
         finally:
             self.skipping -= 1
+
+    async def skip_then_start(
+        self, skipped: list[tuple[str, int]], ready: list[str], *, inline: bool, locked: bool = False
+    ) -> list[str]:
+        """Record the skips, then start the ready nodes; the caller holds ``skipping`` up (and
+        the skip lock if ``locked``).
+
+        Skips are recorded one at a time; whatever starts or is skipped meanwhile (here or in
+        another branch) may depend on them, so it waits until they are all recorded."""
+        if not locked:
+            async with self.skip_lock:
+                return await self.skip_then_start(skipped, ready, inline=inline, locked=True)
+        for node, iteration in skipped:
+            await self.skip(node, iteration)
+        return self.start(ready, inline=inline)
+
+    def start(self, ready: list[str], *, inline: bool) -> list[str]:
+        if inline:
+            return ready
+        for node in ready:
+            self.tg.start_soon(self.node_task, node, name=f"braid node {node}")
+        return []
 
     def propagate(
         self, work: deque[tuple[Edge, bool]], skipped: list[tuple[str, int]], ready: list[str]
@@ -605,8 +804,29 @@ class _Run:
         if leaf:
             add_usage(self.usage, ex.usage)
         self.outputs[node.id] = output
-        await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
-        return decision
+        if self.immediate:
+            await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
+            return decision
+        # Recording takes a round trip: the successors start now, and record their
+        # ``node.started`` after this completion (in sequence, so in the same commit when the
+        # store groups them); each runs its agent only once its ``node.started`` is recorded,
+        # by then this completion too.
+        skipped, ready = self.resolve(node.id, decision)
+        if not skipped and not self.skipping:
+            self.start(ready, inline=False)
+            await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
+            return None
+        # Skips to record (here or in another branch): as ``launch`` does, but holding the lock
+        # from now on, so skips are recorded in the order their edges were resolved, before
+        # whatever another branch makes ready meanwhile.
+        self.skipping += 1
+        try:
+            async with self.skip_lock:
+                await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
+                await self.skip_then_start(skipped, ready, inline=False, locked=True)
+        finally:
+            self.skipping -= 1
+        return None
 
     async def failed(
         self, node: Node, ex: NodeExecution, error: str, *, leaf: bool = True
@@ -673,7 +893,8 @@ class _Run:
             return data
 
         async def emit_delta(text: str) -> None:
-            await self.emit(EventType.NODE_DELTA, tagged({"node": node.id, "delta": text}), None)
+            data = tagged({"node": node.id, "delta": text})
+            await self.emit(EventType.NODE_DELTA, data, None, guarded=False)
 
         async def once() -> Any:
             nonlocal attempt
@@ -700,8 +921,10 @@ class _Run:
                 usage={},
             )
             try:
-                with anyio.fail_after(node.timeout):
+                # ``anyio.fail_after`` without its context manager wrapper (this runs per attempt)
+                with anyio.CancelScope(deadline=anyio.current_time() + node.timeout):
                     return json_data(await node.agent.run(node.config, ctx), "output")
+                raise TimeoutError  # the deadline cancelled the attempt
             except TimeoutError as exc:
                 raise RetryableError(str(exc) or f"timed out after {node.timeout:g}s") from exc
             finally:
@@ -787,48 +1010,62 @@ class _Run:
         failures: list[str],
         siblings: anyio.CancelScope,
     ) -> None:
-        async with self.item_limiter:
-            recorded = self.replay.get((node.id, parent.iteration, index))
-            if recorded is not None and recorded.status != NodeStatus.SKIPPED:
-                output = recorded.output
-                if recorded.status == NodeStatus.FAILED and output is None:
-                    output = {"error": recorded.error}
-                results[index] = output
-                add_usage(self.usage, recorded.usage)
-                parent.usage = add_usage(parent.usage or {}, recorded.usage)
-                return
-            ex = NodeExecution(
-                node=node.id,
-                iteration=parent.iteration,
-                index=index,
-                status=NodeStatus.RUNNING,
-                started_at=utcnow(),
-            )
+        with anyio.CancelScope() as guard:
+            _GUARD.set(guard)
+            async with self.item_limiter:
+                await self.run_item_in_slot(node, parent, index, item, results, failures, siblings)
+
+    async def run_item_in_slot(
+        self,
+        node: Node,
+        parent: NodeExecution,
+        index: int,
+        item: Any,
+        results: list[Any],
+        failures: list[str],
+        siblings: anyio.CancelScope,
+    ) -> None:
+        recorded = self.replay.get((node.id, parent.iteration, index))
+        if recorded is not None and recorded.status != NodeStatus.SKIPPED:
+            output = recorded.output
+            if recorded.status == NodeStatus.FAILED and output is None:
+                output = {"error": recorded.error}
+            results[index] = output
+            add_usage(self.usage, recorded.usage)
+            parent.usage = add_usage(parent.usage or {}, recorded.usage)
+            return
+        ex = NodeExecution(
+            node=node.id,
+            iteration=parent.iteration,
+            index=index,
+            status=NodeStatus.RUNNING,
+            started_at=utcnow(),
+        )
+        try:
             try:
-                try:
-                    output = await self.attempts(node, ex, item)
-                except Exception as exc:
-                    error = describe(exc)
-                    ex.status = NodeStatus.FAILED
-                    ex.error = error
-                    ex.finished_at = utcnow()
-                    if node.on_error == "continue":
-                        ex.output = results[index] = {"error": error}
-                    data = {"node": node.id, "error": error, "iteration": ex.iteration, "index": index}
-                    await self.emit(EventType.NODE_FAILED, self.with_details(data, ex), _snapshot(ex))
-                    if node.on_error != "continue":
-                        failures.append(f"item {index}: {error}")
-                        siblings.cancel()
-                else:
-                    ex.status = NodeStatus.SUCCEEDED
-                    ex.output = results[index] = output
-                    ex.finished_at = utcnow()
-                    await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
-                finally:
-                    add_usage(self.usage, ex.usage)
-                    if ex.usage:
-                        parent.usage = add_usage(parent.usage or {}, ex.usage)
-            except anyio.get_cancelled_exc_class():
-                if self.stopping or failures:
-                    await self.cancelled(ex)
-                raise
+                output = await self.attempts(node, ex, item)
+            except Exception as exc:
+                error = describe(exc)
+                ex.status = NodeStatus.FAILED
+                ex.error = error
+                ex.finished_at = utcnow()
+                if node.on_error == "continue":
+                    ex.output = results[index] = {"error": error}
+                data = {"node": node.id, "error": error, "iteration": ex.iteration, "index": index}
+                await self.emit(EventType.NODE_FAILED, self.with_details(data, ex), _snapshot(ex))
+                if node.on_error != "continue":
+                    failures.append(f"item {index}: {error}")
+                    siblings.cancel()
+            else:
+                ex.status = NodeStatus.SUCCEEDED
+                ex.output = results[index] = output
+                ex.finished_at = utcnow()
+                await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
+            finally:
+                add_usage(self.usage, ex.usage)
+                if ex.usage:
+                    parent.usage = add_usage(parent.usage or {}, ex.usage)
+        except anyio.get_cancelled_exc_class():
+            if self.stopping or failures:
+                await self.cancelled(ex)
+            raise

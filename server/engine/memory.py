@@ -15,12 +15,19 @@ from server.status import EventType, NodeStatus
 Match = Callable[[Event], bool] | EventType | str
 
 
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
 def _copy(value: Any) -> Any:
     """A copy of plain data (dicts, lists, scalars): much cheaper than ``copy.deepcopy``."""
+    if type(value) in _ATOMS:
+        return value
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        items: dict[Any, Any] = value
+        return {k: v if type(v) in _ATOMS else _copy(v) for k, v in items.items()}
     if isinstance(value, list | tuple):
-        return [_copy(v) for v in value]
+        seq: list[Any] | tuple[Any, ...] = value
+        return [v if type(v) in _ATOMS else _copy(v) for v in seq]
     return value
 
 

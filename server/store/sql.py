@@ -13,14 +13,17 @@ writer's transactions are reported to the main engine's ``commit`` listeners too
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sqlite3
 import time
 import uuid
 import zlib
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -45,8 +48,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.dml import Update
 from sqlmodel import SQLModel, col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -114,7 +118,7 @@ class RunIds:
 class _Pending:
     event: Event
     change: NodeExecution | RunUpdate | None
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    wake: anyio.Event | None = None  # made when the caller waits (a writer never does)
     waiting: bool = False
     done: bool = False
     error: Exception | None = None
@@ -130,8 +134,121 @@ class _Writes:
     runs: list[tuple[str, dict[str, Any]]]
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # ``json.dumps`` with these options builds a new encoder per call: this runs per value stored.
+    return _JSON.encode(value)
+
+
+class _SqliteBatches:
+    """Writes ``record`` batches on SQLite in a thread of its own: one connection kept open, rows
+    written through its DB-API cursor with statements prepared once. SQLAlchemy's work per
+    statement and a pool checkout per batch cost several times SQLite's own work; the values go
+    through the same bind processors SQLAlchemy applies, so the rows are the same. The thread is
+    reached through a plain executor: ``anyio.to_thread`` adds two trips through the event loop
+    (a checkpoint and its limiter's) to every batch."""
+
+    EVENT_COLUMNS = ("run_id", "seq", "type", "graph", "at", "data")
+    NODE_KEY = ("run_id", "node", "iteration", "idx")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.conn: Connection | None = None
+        dialect = engine.dialect
+
+        def processors(table: Any, names: tuple[str, ...]) -> list[Callable[[Any], Any] | None]:
+            return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+
+        self.event_processors = processors(EVENTS, self.EVENT_COLUMNS)
+        self.event_sql = (
+            f"INSERT INTO {EVENTS.name} ({', '.join(self.EVENT_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in self.EVENT_COLUMNS)})"
+        )
+        node_columns = (*self.NODE_KEY, *NODE_COLUMNS)
+        self.node_columns = node_columns
+        self.node_processors = processors(NODES, node_columns)
+        self.node_sql = (
+            f"INSERT INTO {NODES.name} ({', '.join(node_columns)}) "
+            f"VALUES ({', '.join('?' for _ in node_columns)}) "
+            f"ON CONFLICT ({', '.join(self.NODE_KEY)}) DO UPDATE SET "
+            + ", ".join(f"{name} = excluded.{name}" for name in NODE_COLUMNS)
+        )
+        self.seq_sql = f"UPDATE {RUNS.name} SET last_seq = ? WHERE id = ?"
+        self.thread: ThreadPoolExecutor | None = None
+
+    async def commit(self, writes: _Writes) -> list[int]:
+        """Write one batch in one transaction (in the writer thread): the events' ``gid``s."""
+        if self.thread is None:
+            self.thread = ThreadPoolExecutor(1, thread_name_prefix="braid-sqlite-writer")
+        return await asyncio.get_running_loop().run_in_executor(self.thread, self.write, writes)
+
+    async def aclose(self) -> None:
+        thread, self.thread = self.thread, None
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, self.close)
+            thread.shutdown(wait=False)
+
+    def write(self, writes: _Writes) -> list[int]:
+        conn = self.conn
+        if conn is None:
+            conn = self.conn = self.engine.connect()
+        try:
+            with conn.begin():
+                dbapi = conn.connection.dbapi_connection
+                assert dbapi is not None
+                cursor = dbapi.cursor()
+                try:
+                    gids: list[int] = []
+                    for row in writes.events:
+                        self._execute(
+                            cursor, self.event_sql, self._row(row, self.EVENT_COLUMNS, self.event_processors)
+                        )
+                        gids.append(int(cursor.lastrowid))
+                    if writes.nodes:
+                        rows = [self._row(n, self.node_columns, self.node_processors) for n in writes.nodes]
+                        self._execute(cursor, self.node_sql, rows, many=True)
+                    if writes.seq_only:
+                        rows = [(r["b_seq"], r["b_id"]) for r in writes.seq_only]
+                        self._execute(cursor, self.seq_sql, rows, many=True)
+                finally:
+                    cursor.close()
+                for run_id, values in writes.runs:
+                    conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
+        except BaseException:
+            # A fresh connection for the next batch, whatever state this one is in.
+            self.conn = None
+            conn.close()
+            raise
+        return gids
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    @staticmethod
+    def _row(
+        values: dict[str, Any], names: tuple[str, ...], processors: list[Callable[[Any], Any] | None]
+    ) -> list[Any]:
+        row = [values[name] for name in names]
+        for i, process in enumerate(processors):
+            if process is not None:
+                row[i] = process(row[i])
+        return row
+
+    @staticmethod
+    def _execute(cursor: Any, sql: str, params: Any, *, many: bool = False) -> None:
+        """``cursor.execute`` (or ``executemany``), its errors raised as SQLAlchemy's (an
+        ``IntegrityError`` for a duplicate event or an unknown run), as the store expects."""
+        try:
+            if many:
+                cursor.executemany(sql, params)
+            else:
+                cursor.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
 
 
 def _set_sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -157,6 +274,7 @@ class SqlStore:
         # SQLite event batches go through a synchronous connection in a thread of their own (one
         # round trip per batch); not for an in-memory database, which a second engine would not see.
         self._writer: Engine | None = None
+        self._batches: _SqliteBatches | None = None
         self._writer_thread = anyio.CapacityLimiter(1)
         # Reads: on SQLite, synchronous connections in threads of their own (one thread hop per
         # read instead of aiosqlite's several); on Postgres, autocommit connections (a pre-ping
@@ -174,6 +292,7 @@ class SqlStore:
                 event.listen(self._writer, "connect", _set_sqlite_pragmas)
                 main = self._engine.sync_engine
                 event.listen(self._writer, "commit", lambda conn: main.dispatch.commit(conn))
+                self._batches = _SqliteBatches(self._writer)
                 self._reader = create_engine(sync_url, json_serializer=_dumps)
                 event.listen(self._reader, "connect", _set_sqlite_pragmas)
         else:
@@ -196,7 +315,7 @@ class SqlStore:
         self._queue: list[_Pending] = []
         self._writing = False
         # SQLite has one writer at a time; taking turns in-process avoids "database is locked".
-        self._sqlite_lock = anyio.Lock()
+        self._sqlite_lock = anyio.Lock(fast_acquire=True)
         # The statements of ``record``, built once (building an upsert costs more than running it).
         self._feed_lock = select(func.pg_advisory_xact_lock(FEED_LOCK))
         self._insert_events = EVENTS.insert().returning(EVENTS.c.gid, sort_by_parameter_order=True)
@@ -206,6 +325,7 @@ class SqlStore:
             set_={name: upsert.excluded[name] for name in NODE_COLUMNS},
         )
         self._insert_run = RUNS.insert()
+        self._run_statements: dict[frozenset[str], Update] = {}
         self._set_last_seq = (
             update(RUNS).where(RUNS.c.id == bindparam("b_id")).values(last_seq=bindparam("b_seq"))
         )
@@ -231,6 +351,8 @@ class SqlStore:
                 await conn.execute(SCHEMA.insert().values(id=1, version=SCHEMA_VERSION))
 
     async def close(self) -> None:
+        if self._batches is not None:
+            await self._batches.aclose()
         if self._writer is not None:
             await anyio.to_thread.run_sync(self._writer.dispose, limiter=self._writer_thread)
         if self._reader is not None:
@@ -408,8 +530,7 @@ class SqlStore:
         return run, True
 
     async def get_run(self, run_id: str) -> RunRecord:
-        query = sa_select(RUNS).where(RUNS.c.id == run_id)
-        row = await self._read(lambda conn: conn.execute(query).first())
+        row = await self._read(lambda conn: conn.execute(RUN_BY_ID, {"run_id": run_id}).first())
         if row is None:
             raise NotFound(f"run {run_id!r} not found")
         return _run(row)
@@ -489,7 +610,7 @@ class SqlStore:
                     await self._write_batch(batch)
                     if own.done:
                         successor = next((p for p in self._queue if p.waiting), None)
-                        if successor is not None:
+                        if successor is not None and successor.wake is not None:
                             successor.wake.set()
                             break
         finally:
@@ -518,7 +639,8 @@ class SqlStore:
         failures = {item.event.run_id: item.error for item in batch if item.error is not None}
         for item in batch:
             item.done = True
-            item.wake.set()
+            if item.wake is not None:
+                item.wake.set()
         if failures and self._queue:
             # Events of those runs queued meanwhile come later in their sequence: fail them too.
             later = [p for p in self._queue if p.event.run_id in failures]
@@ -526,7 +648,8 @@ class SqlStore:
             for item in later:
                 item.error = failures[item.event.run_id]
                 item.done = True
-                item.wake.set()
+                if item.wake is not None:
+                    item.wake.set()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         events = [
@@ -543,6 +666,7 @@ class SqlStore:
         nodes: dict[tuple[str, str, int, int], dict[str, Any]] = {}
         last_seq: dict[str, int] = {}
         run_updates: dict[str, dict[str, Any]] = {}
+        run_params: dict[str, dict[str, Any]] = {}  # the same, as plain values (``_update_runs``)
         for item in batch:
             run_id, change = item.event.run_id, item.change
             last_seq[run_id] = max(item.event.seq, last_seq.get(run_id, 0))
@@ -563,13 +687,14 @@ class SqlStore:
                 }
             elif isinstance(change, RunUpdate):
                 run_updates.setdefault(run_id, {}).update(_run_update(change))
+                run_params.setdefault(run_id, {}).update(_run_params(change))
         seq_only = [{"b_id": r, "b_seq": seq} for r, seq in last_seq.items() if r not in run_updates]
         changed = [(r, {**values, "last_seq": last_seq[r]}) for r, values in run_updates.items()]
         writes = _Writes(events, list(nodes.values()), seq_only, changed)
 
-        if self._writer is not None:
+        if self._batches is not None:
             async with self._sqlite_lock:
-                gids = await anyio.to_thread.run_sync(self._commit_sync, writes, limiter=self._writer_thread)
+                gids = await self._batches.commit(writes)
         else:
             lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
             async with lock, self._engine.begin() as conn:
@@ -580,23 +705,25 @@ class SqlStore:
                     await conn.execute(self._upsert_nodes, writes.nodes)
                 if writes.seq_only:
                     await conn.execute(self._set_last_seq, writes.seq_only)
-                for run_id, values in writes.runs:
-                    await conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
+                await self._update_runs(conn, run_params, last_seq)
         for item, gid in zip(batch, gids, strict=True):
             item.event.gid = gid
 
-    def _commit_sync(self, writes: _Writes) -> list[int]:
-        """``_commit``'s transaction on the SQLite writer connection (in the writer thread)."""
-        assert self._writer is not None
-        with self._writer.begin() as conn:
-            gids = [int(gid) for gid in conn.execute(self._insert_events, writes.events).scalars()]
-            if writes.nodes:
-                conn.execute(self._upsert_nodes, writes.nodes)
-            if writes.seq_only:
-                conn.execute(self._set_last_seq, writes.seq_only)
-            for run_id, values in writes.runs:
-                conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
-        return gids
+    async def _update_runs(
+        self, conn: AsyncConnection, runs: dict[str, dict[str, Any]], last_seq: dict[str, int]
+    ) -> None:
+        """A batch's run updates, one statement per set of changed columns run for all the runs
+        at once, rather than one statement built, compiled and sent per run."""
+        groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for run_id, values in runs.items():
+            params = {f"b_{name}": value for name, value in values.items()}
+            params["b_id"], params["b_last_seq"] = run_id, last_seq[run_id]
+            groups.setdefault(frozenset(values), []).append(params)
+        for columns, rows in groups.items():
+            statement = self._run_statements.get(columns)
+            if statement is None:
+                statement = self._run_statements[columns] = _update_runs_statement(columns)
+            await conn.execute(statement, rows)
 
     async def events(self, run_id: str, after: int = 0, limit: int | None = None) -> list[Event]:
         query = (
@@ -699,8 +826,13 @@ def _schema_version(conn: Connection) -> int | None:
     return None if version is None else int(version)
 
 
+# Hot reads, built once: building a statement (and its cache key) costs more than running it.
+LATEST_VERSION = sa_select(func.max(GRAPHS.c.version)).where(GRAPHS.c.name == bindparam("name"))
+RUN_BY_ID = sa_select(RUNS).where(RUNS.c.id == bindparam("run_id"))
+
+
 def _latest_version(conn: Connection, name: str) -> int | None:
-    return conn.execute(sa_select(func.max(GRAPHS.c.version)).where(GRAPHS.c.name == name)).scalar()
+    return conn.execute(LATEST_VERSION, {"name": name}).scalar()
 
 
 def _read_graph(conn: Connection, name: str, version: int | None) -> GraphRecord:
@@ -744,6 +876,29 @@ def _run_update(change: RunUpdate) -> dict[str, Any]:
     elif change.status.ended:
         values.update(finished_at=at, output=change.output, error=change.error, usage=dict(change.usage))
     return values
+
+
+def _run_params(change: RunUpdate) -> dict[str, Any]:
+    """``_run_update`` as plain values, for ``_update_runs_statement``."""
+    values: dict[str, Any] = {"status": str(change.status)}
+    if change.status is RunStatus.RUNNING:
+        values["started_at"] = change.at
+    elif change.status.ended:
+        values.update(
+            finished_at=change.at, output=change.output, error=change.error, usage=dict(change.usage)
+        )
+    return values
+
+
+def _update_runs_statement(columns: frozenset[str]) -> Update:
+    """``UPDATE runs`` of ``columns`` and ``last_seq`` from ``b_<column>`` parameters, by ``b_id``;
+    ``started_at`` keeps its first value."""
+    values: dict[str, Any] = {
+        name: bindparam(f"b_{name}", type_=RUNS.c[name].type) for name in (*columns, "last_seq")
+    }
+    if "started_at" in values:
+        values["started_at"] = func.coalesce(RUNS.c.started_at, values["started_at"])
+    return update(RUNS).where(RUNS.c.id == bindparam("b_id")).values(values)
 
 
 def _graph(row: GraphRow | Row[Any]) -> GraphRecord:

@@ -1098,3 +1098,22 @@ async def test_an_output_that_is_not_json_data_fails_the_node_not_the_recording(
     assert "not JSON data" in (update.error or "")
     assert "input['items']" in (update.error or "")
     assert recorder.types()[-2:] == ["node.failed", "workflow.finished"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1e308 * 10", "output is inf, not a JSON number"),
+        ("{'x': [1e308 * -10]}", "output.x[0] is -inf, not a JSON number"),
+        ("'ok \\ud800'", "output is a string that is not valid Unicode"),
+    ],
+)
+async def test_an_output_no_client_could_parse_fails_the_node(value: str, message: str) -> None:
+    """JSON has no Infinity or NaN and no lone surrogates: such an output would reach SSE clients
+    as text their JSON.parse rejects, so the node fails with the path of the value."""
+    graph = make_graph({"a": {"agent": "echo", "value": value}})
+    update, recorder = await run_graph(graph)
+    assert update.status == RunStatus.FAILED
+    assert message in (update.error or "")
+    assert recorder.types()[-2:] == ["node.failed", "workflow.finished"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -366,6 +367,96 @@ async def test_same_idempotency_key_returns_the_first_run(client: Client) -> Non
     assert len((await client.get("/runs")).json()["items"]) == 1
 
 
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("levels", [101, 950, 5_000])
+async def test_a_run_body_nested_too_deeply_is_400(client: Client, levels: int) -> None:
+    await client.post("/graphs", json=graph("plain"))
+    json_type = {"Content-Type": "application/json"}
+    for body in (nested(levels), '{"input": ' + nested(levels - 1) + "}"):
+        response = await client.post("/graphs/plain/runs", content=body.encode(), headers=json_type)
+        assert response.status_code == 400, response.text
+        assert response.json() == {
+            "status_code": 400,
+            "detail": "the request body is nested too deeply (over 100 levels)",
+        }
+    assert (await client.get("/runs")).json()["items"] == []
+
+
+async def test_a_run_input_nested_99_levels_is_stored_and_read_back(client: Client) -> None:
+    await client.post("/graphs", json=graph("plain"))
+    body = '{"input": ' + nested(99) + "}"
+    response = await client.post(
+        "/graphs/plain/runs", content=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 202, response.text
+    run = await poll_run(client, response.json()["id"], lambda r: r["status"] == "succeeded")
+    assert run["input"] == json.loads(nested(99))
+    assert (await client.get("/runs")).status_code == 200
+
+
+@pytest.mark.parametrize("levels", [101, 950, 5_000])
+async def test_a_graph_nested_too_deeply_is_400(client: Client, levels: int) -> None:
+    spec = '{"name": "deep", "input": {"type": "object", "default": %s}, "nodes": {}}'
+    for body, content_type in (
+        (spec.replace("%s", nested(levels)), "application/json"),
+        ("name: deep\ninput:\n  default: " + nested(levels) + "\n", "application/yaml"),
+    ):
+        response = await client.post("/graphs", content=body.encode(), headers={"Content-Type": content_type})
+        assert response.status_code == 400, response.text
+        assert "nested too deeply" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "paths"),
+    [
+        (b'{"input": {"x": NaN}}', ["input.x"]),
+        (b'{"input": {"x": [1, Infinity, -Infinity]}}', ["input.x[1]", "input.x[2]"]),
+        (b'{"input": {"s": "\\ud800"}}', ["input.s"]),
+        (b'{"input": NaN}', ["input"]),
+        (b'{"input": {"topic": "t"}, "idempotency_key": "k\\udfff"}', ["idempotency_key"]),
+    ],
+)
+async def test_a_run_input_that_is_not_plain_json_is_422_with_its_path(
+    client: Client, body: bytes, paths: list[str]
+) -> None:
+    await client.post("/graphs", json=graph("plain"))
+    response = await client.post(
+        "/graphs/plain/runs", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert problem_paths(response) == paths
+    assert (await client.get("/runs")).json()["items"] == []
+
+
+async def test_idempotency_key_header_works_like_the_body_field(client: Client) -> None:
+    await client.post("/graphs", json=HELLO)
+    url, body = "/graphs/hello/runs", {"input": {"topic": "once"}}
+    first = await client.post(url, json=body, headers={"Idempotency-Key": "order-18"})
+    assert first.status_code == 202
+    assert "Idempotent-Replayed" not in first.headers
+    again = await client.post(url, json=body, headers={"Idempotency-Key": "order-18"})
+    by_field = await client.post(url, json={**body, "idempotency_key": "order-18"})
+    both = await client.post(
+        url, json={**body, "idempotency_key": "order-18"}, headers={"Idempotency-Key": "order-18"}
+    )
+    for replay in (again, by_field, both):
+        assert replay.status_code == 202
+        assert replay.json()["id"] == first.json()["id"]
+        assert replay.headers["Idempotent-Replayed"] == "true"
+
+    differ = await client.post(
+        url, json={**body, "idempotency_key": "order-19"}, headers={"Idempotency-Key": "order-18"}
+    )
+    assert differ.status_code == 422
+    assert problem_paths(differ) == ["idempotency_key"]
+    too_long = await client.post(url, json=body, headers={"Idempotency-Key": "k" * 201})
+    assert problem_paths(too_long) == ["Idempotency-Key"]
+    assert len((await client.get("/runs")).json()["items"]) == 1
+
+
 async def test_wait_true_answers_200_when_the_run_ended(client: Client) -> None:
     await client.post("/graphs", json=HELLO)
     response = await client.post(
@@ -424,6 +515,74 @@ async def test_list_runs_filters_and_pages(client: Client) -> None:
         response = await client.get("/runs", params={"limit": limit})
         assert response.status_code == 422
         assert problem_paths(response) == ["limit"]
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        "garbage",
+        "0",
+        "';drop",
+        "00000000-0000-0000-0000-000000000000",
+        "9b2f4c1e-8a1d-4e7b-9f3a-2c5d6e7f8a9b",  # a UUID, but version 4
+        "{0190a5c4-7d2e-7b3f-8a4c-5d6e7f8a9b0c}",  # a UUIDv7, but not as the server spells it
+        "0190A5C4-7D2E-7B3F-8A4C-5D6E7F8A9B0C",
+    ],
+)
+async def test_list_runs_before_must_be_a_run_id(client: Client, before: str) -> None:
+    response = await client.get("/runs", params={"before": before})
+    assert response.status_code == 422, response.text
+    assert problem_paths(response) == ["before"]
+
+
+async def test_list_runs_before_a_run_id_it_never_handed_out_is_fine(client: Client) -> None:
+    response = await client.get("/runs", params={"before": "0190a5c4-7d2e-7b3f-8a4c-5d6e7f8a9b0c"})
+    assert response.status_code == 200
+    assert response.json() == {"items": [], "next": None}
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "path"),
+    [
+        ({"after": "-1"}, {}, "after"),
+        ({"after": "abc"}, {}, "after"),
+        ({"after": "99999999999999999999"}, {}, "after"),
+        ({}, {"Last-Event-ID": "xyz"}, "Last-Event-ID"),
+        ({}, {"Last-Event-ID": "-3"}, "Last-Event-ID"),
+    ],
+)
+async def test_bad_event_cursors_are_422_naming_them(
+    client: Client, params: dict[str, str], headers: dict[str, str], path: str
+) -> None:
+    await client.post("/graphs", json=graph("plain"))
+    run = (await client.post("/graphs/plain/runs", params={"wait": "true"})).json()
+    # Only error answers here: the test client cannot read a stream that does not end.
+    for accept in ("application/json", "text/event-stream"):
+        response = await client.get(
+            f"/runs/{run['id']}/events", params=params, headers={**headers, "Accept": accept}
+        )
+        assert response.status_code == 422, response.text
+        assert problem_paths(response) == [path]
+    response = await client.get("/events", params=params, headers=headers)
+    assert response.status_code == 422, response.text
+    assert problem_paths(response) == [path]
+
+
+@pytest.mark.parametrize(
+    ("params", "path"),
+    [
+        ({"deltas": "maybe"}, "deltas"),
+        ({"replay": "-5"}, "replay"),
+        ({"replay": "lots"}, "replay"),
+    ],
+)
+async def test_bad_feed_parameters_are_422_naming_them(
+    client: Client, params: dict[str, str], path: str
+) -> None:
+    response = await client.get("/events", params=params)
+    assert response.status_code == 422, response.text
+    assert problem_paths(response) == [path]
+    assert "extra" not in response.json()
 
 
 async def test_get_run_with_its_nodes(client: Client) -> None:

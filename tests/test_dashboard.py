@@ -300,6 +300,22 @@ async def test_start_form_shows_bad_json_and_schema_problems_inline(client: Clie
     assert (await client.get("/runs")).json()["items"] == []  # nothing started
 
 
+async def test_start_form_refuses_input_that_is_not_plain_json_or_nested_too_deeply(client: Client) -> None:
+    await store_graph(client, PIPELINE)
+    htmx = {"HX-Request": "true"}
+    for raw, path, message in (
+        ('{"who": NaN}', "input.who", "not a JSON number"),
+        ('{"who": "\\ud800"}', "input.who", "lone surrogate"),
+        ("[" * 100 + "]" * 100, "input", "nested too deeply"),
+        ("[" * 5_000 + "]" * 5_000, "input", "nested too deeply"),
+    ):
+        answer = await client.post("/ui/graphs/pipeline/runs", data={"input": raw}, headers=htmx)
+        assert answer.status_code == 422, answer.text[:300]
+        assert f"<code>{path}</code>" in answer.text
+        assert message in answer.text
+    assert (await client.get("/runs")).json()["items"] == []  # nothing started
+
+
 async def test_start_form_redirects_to_the_new_run(client: Client) -> None:
     await store_graph(client, PIPELINE)
     started = await client.post(

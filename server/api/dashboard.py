@@ -33,6 +33,7 @@ from server.braid import Braid
 from server.errors import NotFound, Problem, ValidationFailed
 from server.events import Event
 from server.graph.model import Graph
+from server.graph.parse import MAX_DEPTH, json_problems, too_deep
 from server.status import EventType, RunStatus
 from server.store.base import RunRecord
 from server.web import diagram
@@ -388,6 +389,21 @@ async def graph_page(
     return page(braid, "graph.html", **context, form_input=skeleton, problems=[])
 
 
+def read_input(raw: str) -> tuple[Any, list[Problem]]:
+    """The form's JSON input, or the problems with it (NaN and lone surrogates included)."""
+    too_deeply = [Problem("input", f"is nested too deeply (over {MAX_DEPTH - 1} levels)")]
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        return None, [Problem("input", f"is not valid JSON: {exc}")]
+    except RecursionError:
+        return None, too_deeply
+    # The API counts the levels of the whole body, the input one level down: the same limit here.
+    if too_deep(value, MAX_DEPTH - 1):
+        return None, too_deeply
+    return value, json_problems(value, ("input",))
+
+
 @post("/ui/graphs/{name:str}/runs", include_in_schema=False)
 async def start_run(
     request: Request[Any, Any, Any], braid: NamedDependency[Braid], name: FromPath[str]
@@ -397,12 +413,8 @@ async def start_run(
     raw = str(form.get("input") or "").strip() or "{}"
     raw_version = str(form.get("version") or "").strip()
     version = int(raw_version) if raw_version.isdigit() else None
-    problems: list[Problem] = []
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        problems.append(Problem("input", f"is not valid JSON: {exc}"))
-    else:
+    value, problems = read_input(raw)
+    if not problems:
         try:
             run, _ = await braid.runs.start(name, value, version=version)
         except NotFound:

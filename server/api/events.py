@@ -24,11 +24,12 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from litestar import Response, get
 from litestar.di import NamedDependency
-from litestar.exceptions import HTTPException, NotFoundException
+from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from server.api.errors import query_bool, query_int
 from server.braid import Braid
 from server.bus.base import SubscriberTooSlow
 from server.errors import NotFound
@@ -345,16 +346,13 @@ def stream_feed(
 # --- handlers ----------------------------------------------------------------------------------
 
 
+MAX_CURSOR = 2**63 - 1
+"""Event ids are 64-bit database integers."""
+
+
 def _cursor(name: str, raw: str | None) -> int | None:
-    if raw is None or not raw.strip():
-        return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise HTTPException(status_code=422, detail=f"{name} must be a whole number >= 0, not {raw!r}")
-    return value
+    """A cursor or count (``after``, ``Last-Event-ID``, ``replay``); blank is absent, a bad one a 422."""
+    return query_int(raw.strip() if raw is not None else None, name, minimum=0, maximum=MAX_CURSOR)
 
 
 def _after(query: str | None, header: str | None) -> int | None:
@@ -402,7 +400,7 @@ async def feed(
     after: Annotated[str | None, QueryParameter(name="after", required=False)] = None,
     last_event_id: LastEventId = None,
     graph: Annotated[str | None, QueryParameter(name="graph", required=False)] = None,
-    deltas: Annotated[bool, QueryParameter(name="deltas", required=False)] = False,
+    deltas: Annotated[str | None, QueryParameter(name="deltas", required=False)] = None,
     replay: Annotated[str | None, QueryParameter(name="replay", required=False)] = None,
 ) -> EventSourceResponse:
     """All runs' events (no ``node.delta`` unless ``?deltas=true``; ``?graph=`` filters), ``id``
@@ -410,7 +408,8 @@ async def feed(
     starts with live events, after the last ``?replay=N`` ones."""
     cursor = _after(after, last_event_id)
     last_n = _cursor("replay", replay) or 0
-    return stream_feed(braid, cursor, replay=min(last_n, 10_000), graph=graph, deltas=deltas)
+    with_deltas = query_bool(deltas, "deltas")
+    return stream_feed(braid, cursor, replay=min(last_n, 10_000), graph=graph, deltas=with_deltas)
 
 
 @get("/debug/subscribers", include_in_schema=False)

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, cast
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.types import ASGIApp
 
 from server.api import serialize
 from server.api.errors import MalformedBody, invalid, query_bool, query_float, query_int
 from server.braid import Braid
 from server.errors import Problem, ValidationFailed
+from server.graph.parse import MAX_DEPTH, json_problems, too_deep
 from server.status import RunStatus
 from server.store.base import RunRecord
 
 DEFAULT_WAIT_SECONDS = 60.0
 MAX_WAIT_SECONDS = 3600.0
 RUN_FIELDS = ("input", "version", "idempotency_key")
+BODY_TOO_DEEP = f"the request body is nested too deeply (over {MAX_DEPTH} levels)"
 
 
 async def read_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -33,24 +36,55 @@ async def read_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedBody(BODY_TOO_DEEP) from None
+    if too_deep(value):
+        raise MalformedBody(BODY_TOO_DEEP)
     if not isinstance(value, dict):
         raise MalformedBody(f"the request body must be a JSON object, not {type(value).__name__}")
     return value
 
 
-def run_request(body: dict[str, Any]) -> tuple[Any, int | None, str | None]:
-    """``{input, version?, idempotency_key?}`` checked field by field."""
+def is_run_id(value: str) -> bool:
+    """Whether ``value`` is a run id as the store hands them out: a UUIDv7 in canonical form (the
+    ``?before=`` cursor compares ids as strings, so an upper-case or braced spelling would not do)."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return False
+    return parsed.version == 7 and str(parsed) == value
+
+
+def run_request(body: dict[str, Any], header_key: str | None = None) -> tuple[Any, int | None, str | None]:
+    """``{input, version?, idempotency_key?}`` checked field by field; ``header_key`` is the
+    ``Idempotency-Key`` header, which the body's ``idempotency_key`` may repeat but not contradict."""
     problems = [
         Problem(key, f"unknown field; expected one of {', '.join(RUN_FIELDS)}")
         for key in body
         if key not in RUN_FIELDS
     ]
+    # Python's json reads NaN, Infinity and lone surrogates, which no store or client takes back.
+    problems += json_problems(body.get("input"), ("input",))
     version = body.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         problems.append(Problem("version", f"must be a version number (1, 2, ...), not {version!r}"))
     key = body.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
         problems.append(Problem("idempotency_key", "must be a string of 1 to 200 characters"))
+    elif isinstance(key, str):
+        problems += json_problems(key, ("idempotency_key",))
+    if header_key is not None:
+        if not 1 <= len(header_key) <= 200:
+            problems.append(Problem("Idempotency-Key", "must be 1 to 200 characters"))
+        elif key is None:
+            key = header_key
+        elif isinstance(key, str) and key != header_key:
+            problems.append(
+                Problem(
+                    "idempotency_key",
+                    f"differs from the Idempotency-Key header ({header_key!r}); send one or make them equal",
+                )
+            )
     if problems:
         raise ValidationFailed(problems, what="request")
     return body.get("input", {}), version, key
@@ -94,6 +128,7 @@ async def start_run(
     wait: FromQuery[str | None] = None,
     wait_seconds: Annotated[str | None, QueryParameter(name="timeout")] = None,
     stream: FromQuery[str | None] = None,
+    idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False)] = None,
 ) -> ASGIApp:
     waiting = query_bool(wait, "wait")
     seconds = query_float(wait_seconds, "timeout", minimum=0, maximum=MAX_WAIT_SECONDS)
@@ -101,7 +136,7 @@ async def start_run(
         query_bool(stream, "stream")
         or request.accept.best_match(["application/json", "text/event-stream"]) == "text/event-stream"
     )
-    input, version, key = run_request(await read_object(request))
+    input, version, key = run_request(await read_object(request), idempotency_key)
     stream_run = _run_streamer() if streaming else None
     # A streamed new run is queued by its stream, once subscribed to the run's events: nothing of
     # the run can be persisted before, so the stream needs no replay from the database.
@@ -144,12 +179,11 @@ async def list_runs(
         except ValueError:
             raise invalid("status", f"must be one of {', '.join(RunStatus)}, not {status!r}") from None
     count = query_int(limit, "limit", minimum=1, maximum=500) or 50
-    try:
-        runs, cursor = await braid.store.list_runs(
-            graph=graph or None, status=wanted, limit=count, before=before or None
-        )
-    except ValueError as exc:
-        raise invalid("before", f"is not a cursor this server handed out ({exc})") from None
+    if before and not is_run_id(before):
+        raise invalid("before", f"must be the `next` cursor of a previous page (a run id), not {before!r}")
+    runs, cursor = await braid.store.list_runs(
+        graph=graph or None, status=wanted, limit=count, before=before or None
+    )
     return {"items": [serialize.run_summary(r) for r in runs], "next": cursor}
 
 

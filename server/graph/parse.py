@@ -47,6 +47,12 @@ MAX_EDGES = 20_000
 """Most nodes and edges (after the ``from``/``to`` list sugar) one graph may have: validating
 the largest graph, every node with a template of its own, takes about a second."""
 
+MAX_DEPTH = 100
+"""Most levels of nesting a document or a run's input may have: data nested deeper than Python's
+recursion limit allows could be stored but not read back, validated or rendered."""
+
+NESTED_TOO_DEEPLY = f"the document is nested too deeply (over {MAX_DEPTH} levels)"
+
 Loc = Sequence[str | int]
 
 
@@ -131,13 +137,30 @@ def _load_json(text: str) -> Any:
         message = f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         raise _JSONSyntax(ValidationFailed([Problem("", message)])) from None
     except RecursionError:
-        raise ValidationFailed([Problem("", "the document is nested too deeply")]) from None
+        raise ValidationFailed([Problem("", NESTED_TOO_DEEPLY)]) from None
+    if too_deep(data):
+        raise ValidationFailed([Problem("", NESTED_TOO_DEEPLY)])
     problems: list[Problem] = []
     data = _plain_json(data, (), problems)
     problems += json_problems(data)
     if problems:
         raise ValidationFailed(problems)
     return data
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether lists and mappings in ``value`` nest more than ``limit`` levels (walked without recursion)."""
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return True
+            children = (
+                cast(dict[Any, Any], item).values() if isinstance(item, dict) else cast(list[Any], item)
+            )
+            todo.extend((child, depth + 1) for child in children)
+    return False
 
 
 def json_problems(value: Any, loc: tuple[str | int, ...] = ()) -> list[Problem]:
@@ -221,6 +244,8 @@ def _load_yaml(text: str) -> Any:
         if problems:
             raise ValidationFailed(problems)
         data = loader.construct_document(root)
+        if too_deep(data):
+            raise ValidationFailed([Problem("", NESTED_TOO_DEEPLY)])
         problems = json_problems(data)
         if problems:
             raise ValidationFailed(problems)
@@ -233,7 +258,7 @@ def _load_yaml(text: str) -> Any:
     except yaml.YAMLError as exc:
         raise ValidationFailed([Problem("", f"invalid YAML: {exc}")]) from None
     except RecursionError:
-        raise ValidationFailed([Problem("", "the document is nested too deeply")]) from None
+        raise ValidationFailed([Problem("", NESTED_TOO_DEEPLY)]) from None
     finally:
         loader.dispose()
 

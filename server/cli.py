@@ -13,12 +13,15 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import httpx
 
-from server.config import Settings
+from server.config import Settings, check_folders
 from server.errors import SettingsError, ValidationFailed
+
+if TYPE_CHECKING:
+    from agents.registry import Registry
 
 CLIENT_TIMEOUT = httpx.Timeout(30.0, read=None)
 WAIT_CHUNK_SECONDS = 300
@@ -38,7 +41,20 @@ class CommandFailed(Exception):
 
 def load_settings() -> Settings:
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
+        check_folders()
+        return settings
+    except SettingsError as exc:
+        raise CommandFailed(str(exc), 2) from None
+
+
+def load_registry(settings: Settings) -> Registry:
+    """The agent kinds, BRAID_AGENT_MODULES imported now: a module that cannot be imported is one
+    line at start, not a traceback out of the server's startup."""
+    from agents.registry import default_registry
+
+    try:
+        return default_registry(settings.agent_modules)
     except SettingsError as exc:
         raise CommandFailed(str(exc), 2) from None
 
@@ -70,6 +86,7 @@ def serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
 
     settings = load_settings()
+    load_registry(settings)
     settings = dataclasses.replace(
         settings,
         host=args.host or settings.host,
@@ -111,6 +128,7 @@ def worker(args: argparse.Namespace) -> int:
             "postgresql+asyncpg://...). In embedded mode `braid serve` runs the runs itself.",
             2,
         )
+    load_registry(settings)
     # uvloop when installed (uvicorn's standard extra brings it), as `braid serve` runs on it:
     # a worker's time is mostly event-loop work (Redis, Postgres, the engine's tasks).
     anyio.run(_work, settings, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})
@@ -132,17 +150,13 @@ def read_file(path: Path) -> str:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from agents.registry import default_registry
     from server.graph.fields import ValidationContext
     from server.graph.parse import build_graph, load_document
 
     settings = load_settings()
     path = Path(args.file)
     text = read_file(path)
-    try:
-        registry = default_registry(settings.agent_modules)
-    except SettingsError as exc:
-        raise CommandFailed(str(exc), 2) from None
+    registry = load_registry(settings)
     try:
         spec = load_document(text, content_type_of(path))
         graph = build_graph(spec, registry, ValidationContext(prompts_dir=settings.prompts_dir))

@@ -148,3 +148,26 @@ class Settings:
             max_body_bytes=integer("BRAID_MAX_BODY_BYTES", 1_048_576, 1024, 1 << 30),
             mock_delay=number("BRAID_MOCK_DELAY", 0.02),
         )
+
+
+FOLDER_SETTINGS = ("BRAID_EXAMPLES_DIR", "BRAID_PROMPTS_DIR")
+
+
+def check_folders(environ: Mapping[str, str] | None = None) -> None:
+    """The folders set explicitly (BRAID_EXAMPLES_DIR, BRAID_PROMPTS_DIR) must exist on this machine.
+
+    Unset, their defaults (``./examples``, ``./prompts``) may be missing: nothing is loaded from them.
+    Kept out of ``Settings.from_env``, which only parses: a deployment's settings (compose, the
+    Dockerfile) can be parsed on a machine that lacks its folders."""
+    env = os.environ if environ is None else environ
+    for name in FOLDER_SETTINGS:
+        raw = (env.get(name) or "").strip()
+        if not raw:
+            continue
+        path = Path(raw)
+        if not path.is_dir():
+            what = "is not a folder" if path.exists() else "does not exist"
+            where = "" if path.is_absolute() else f" in {Path.cwd()}"
+            raise SettingsError(
+                f"{name} is {raw!r}, which {what}{where}; set it to a folder that exists, or unset it"
+            )

@@ -243,3 +243,49 @@ def test_serve_with_a_bad_setting_names_it(cli: Any, monkeypatch: pytest.MonkeyP
     assert code == 2
     assert "BRAID_PORT" in err
     assert out == ""
+
+
+def test_serve_and_worker_with_an_agent_module_that_cannot_be_imported(
+    cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRAID_AGENT_MODULES", "no_such_mod")
+    code, out, err = cli("serve")
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "BRAID_AGENT_MODULES" in err
+    assert "no_such_mod" in err
+    # The worker checks its modules before it connects to anything.
+    monkeypatch.setenv("BRAID_REDIS_URL", "redis://127.0.0.1:1")
+    monkeypatch.setenv("BRAID_DATABASE_URL", "postgresql+asyncpg://braid@127.0.0.1:1/braid")
+    code, out, err = cli("worker")
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "BRAID_AGENT_MODULES" in err
+    assert "no_such_mod" in err
+
+
+@pytest.mark.parametrize("name", ["BRAID_EXAMPLES_DIR", "BRAID_PROMPTS_DIR"])
+def test_serve_with_a_folder_setting_that_is_not_a_folder_names_it(
+    cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    a_file = write(tmp_path, "not a folder", "a-file.txt")
+    for value, what in ((str(tmp_path / "missing"), "does not exist"), (str(a_file), "is not a folder")):
+        monkeypatch.setenv(name, value)
+        code, out, err = cli("serve")
+        assert code == 2
+        assert out == ""
+        assert err.count("\n") == 1
+        assert name in err
+        assert what in err
+
+
+def test_unset_folder_settings_may_point_nowhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server.config import Settings, check_folders
+
+    monkeypatch.chdir(tmp_path)  # no ./examples, no ./prompts here
+    settings = Settings.from_env({})
+    check_folders({})
+    assert settings.prompts_dir == Path("prompts")
+    assert settings.examples_dir == Path("examples")
+    check_folders({"BRAID_EXAMPLES_DIR": " ", "BRAID_PROMPTS_DIR": ""})

@@ -196,3 +196,30 @@ def test_distributed_serve_and_worker(tmp_path: Path) -> None:
                 served.stop()
         assert code == 0, worker_log.read_text()[-3000:]
         assert "stopping" in worker_log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("BRAID_AGENT_MODULES", "no_such_mod", "no_such_mod"),
+        ("BRAID_EXAMPLES_DIR", "no-such-folder", "no-such-folder"),
+        ("BRAID_PROMPTS_DIR", "no-such-folder", "no-such-folder"),
+    ],
+)
+def test_serve_with_a_bad_setting_prints_one_line_and_exits_2(
+    tmp_path: Path, setting: str, value: str, named: str
+) -> None:
+    """Not a traceback out of the server's startup (uvicorn's exit 3): one line naming it, exit 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve"],
+        cwd=tmp_path,
+        env=serve_env(tmp_path, 0, **{setting: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert setting in done.stderr
+    assert named in done.stderr

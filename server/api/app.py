@@ -23,7 +23,7 @@ from server.api.graphs import graph_handlers
 from server.api.health import health_handlers
 from server.api.runs import run_handlers
 from server.braid import Braid, open_braid
-from server.config import Settings
+from server.config import Settings, check_folders
 
 
 def provide_braid(state: State) -> Braid:
@@ -53,7 +53,9 @@ def _dashboard_handlers() -> list[ControllerRouterHandler]:
 
 def create_app(settings: Settings | None = None, *, workers: bool | None = None) -> Litestar:
     """The API application. ``workers`` (default: in embedded mode) runs the runner in-process."""
-    settings = Settings.from_env() if settings is None else settings
+    if settings is None:
+        settings = Settings.from_env()
+        check_folders()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncGenerator[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -104,8 +105,17 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: make that a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    freeze_startup_objects()
     server.run()
     return 0 if server.started else 1
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (modules, classes, the app) out of the garbage collector's reach:
+    a full collection then walks only what runs create, instead of pausing the event loop for
+    100 ms or more to walk every object of Litestar, SQLAlchemy and pydantic as well."""
+    gc.collect()
+    gc.freeze()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -131,6 +141,7 @@ def worker(args: argparse.Namespace) -> int:
     load_registry(settings)
     # uvloop when installed (uvicorn's standard extra brings it), as `braid serve` runs on it:
     # a worker's time is mostly event-loop work (Redis, Postgres, the engine's tasks).
+    freeze_startup_objects()
     anyio.run(_work, settings, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})
     return 0
 

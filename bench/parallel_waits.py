@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -61,8 +62,14 @@ async def measure(width: int, seconds: float, reps: int) -> dict[str, Any]:
                 "braid_sqlite": lambda: sqlite.run(graph),
                 "langgraph": lambda: langgraph_run(app, width + 2),
             }
+            # As `braid serve` and `braid worker` do at start (server/cli.py): what start-up made
+            # is frozen out of the collector's reach; before each timed run, for every engine
+            # alike, the previous run's garbage is collected.
+            gc.collect()
+            gc.freeze()
             for _ in range(reps):
                 for name, run in runs.items():
+                    gc.collect()
                     began = time.perf_counter()
                     await run()
                     walls[name].append(time.perf_counter() - began)

@@ -468,6 +468,10 @@ async def test_wait_true_answers_200_when_the_run_ended(client: Client) -> None:
     assert run["output"] == "Hello x!"
     assert run["finished_at"]
     assert [n["node"] for n in run["nodes"]] == ["greet", "shout"]
+    # Usage reads the same here as in node.completed: {} for a node that used no model.
+    assert [n["usage"] for n in run["nodes"]] == [{}, {}]
+    events = (await client.get(f"/runs/{run['id']}/events", headers={"Accept": "application/json"})).json()
+    assert [e["usage"] for e in events if e["type"] == "node.completed"] == [{}, {}]
 
 
 async def test_wait_true_times_out_with_202(client: Client) -> None:

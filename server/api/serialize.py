@@ -84,7 +84,7 @@ def node_execution(execution: NodeExecution) -> dict[str, Any]:
         "started_at": timestamp(execution.started_at),
         "finished_at": timestamp(execution.finished_at),
         "duration_ms": execution.duration_ms,
-        "usage": dict(execution.usage) if execution.usage is not None else None,
+        "usage": dict(execution.usage or {}),
     }
 
 

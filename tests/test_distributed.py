@@ -652,6 +652,32 @@ async def test_with_redis_unreachable_a_run_is_still_accepted_and_other_calls_ar
 
 
 @pytest.mark.anyio
+async def test_a_finished_run_replays_over_sse_from_the_database_while_redis_is_away(
+    inproc: Settings, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from server.api.app import create_app
+    from server.braid import open_braid
+
+    spec = {"name": "told", "nodes": {"t": {"agent": "template", "template": "hi"}}}
+    settings = dataclasses.replace(inproc, database_url=f"sqlite+aiosqlite:///{tmp_path}/told.db")
+    async with open_braid(settings, workers=True) as braid:
+        await braid.store.put_graph("told", spec, None, 1)
+        run, _ = await braid.runs.start("told", {})
+        assert (await braid.runs.wait(run.id, 10)).status == "succeeded"
+
+    away = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with AsyncTestClient(app=create_app(away, workers=False)) as client:
+        with anyio.fail_after(20):
+            response = await client.get(f"/runs/{run.id}/events", headers={"Accept": "text/event-stream"})
+    assert response.status_code == 200
+    ids = [int(line[3:]) for line in response.text.splitlines() if line.startswith("id:")]
+    assert ids == [1, 2, 3, 4]
+    assert "event: workflow.finished" in response.text
+
+
+@pytest.mark.anyio
 async def test_the_sweep_enqueues_only_runs_that_lost_their_message(inproc: Settings) -> None:
     from server.braid import open_braid
     from server.sweep import Sweeper

@@ -155,6 +155,11 @@ async def _produce_run(
                 return True
         return False
 
+    # What the store already holds goes first, without the bus: a run that ended replays from
+    # the database alone (even while Redis is away); a live one is then followed from where
+    # this left off (subscribed first, then caught up again, so nothing falls in between).
+    if dispatch is None and (await catch_up() or await emit_early()):
+        return
     checked_run = False
     drops = 0
     while drops <= MAX_DROPS:

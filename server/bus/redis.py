@@ -14,15 +14,15 @@ import json
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from server.batching import GroupCommit, Pending
 from server.bus.memory import DEFAULT_BUFFER, Buffer
 from server.errors import Unavailable
 from server.events import Event
@@ -36,13 +36,9 @@ PUBLISH_BATCH = 256
 """Events sent in one pipeline at most."""
 
 
-@dataclass(eq=False, slots=True)
-class _Outgoing:
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Outgoing(Pending):
     event: Event
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    waiting: bool = False
-    done: bool = False
-    error: Exception | None = None
 
 
 def encode(event: Event) -> dict[FieldT, EncodableT]:
@@ -101,58 +97,12 @@ class RedisBus:
         self.reader_count = 0
         """Reader tasks running (one per subscription while it is open)."""
         self._buffers: set[Buffer] = set()
-        self._outbox: list[_Outgoing] = []
-        self._sending = False
+        self._outbox = GroupCommit[_Outgoing](self._send, PUBLISH_BATCH)
 
     async def publish(self, event: Event) -> None:
         """Append the event to its run's stream and to the feed. Concurrent calls share one
-        pipeline (one round trip): whichever caller finds no send in progress sends what is
-        queued, in order, while the others wait for their batch (as the store's group commit)."""
-        item = _Outgoing(event)
-        self._outbox.append(item)
-        while not item.done:
-            if not self._sending:
-                await self._send_outbox(item)
-                continue
-            item.wake = anyio.Event()
-            item.waiting = True
-            try:
-                await item.wake.wait()
-            except BaseException:
-                # Cancelled while queued: the event is still sent, but if this caller was just
-                # made the sender, someone must send.
-                item.waiting = False
-                if not item.done and not self._sending:
-                    await self._send_outbox(item)
-                raise
-            item.waiting = False
-        if item.error is not None:
-            raise item.error
-
-    async def _send_outbox(self, own: _Outgoing) -> None:
-        """Send queued events batch by batch until ``own`` is sent, then hand over."""
-        self._sending = True
-        try:
-            with anyio.CancelScope(shield=True):
-                await anyio.lowlevel.checkpoint()  # let callers ready to publish join this batch
-                while self._outbox:
-                    batch = self._outbox[:PUBLISH_BATCH]
-                    del self._outbox[:PUBLISH_BATCH]
-                    try:
-                        await self._send(batch)
-                    except Exception as exc:
-                        for item in batch:
-                            item.error = exc
-                    for item in batch:
-                        item.done = True
-                        item.wake.set()
-                    if own.done:
-                        successor = next((i for i in self._outbox if i.waiting), None)
-                        if successor is not None:
-                            successor.wake.set()
-                            break
-        finally:
-            self._sending = False
+        pipeline, one round trip (``server.batching``, as the store's events share a commit)."""
+        await self._outbox.submit(_Outgoing(event=event))
 
     async def _send(self, batch: list[_Outgoing]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

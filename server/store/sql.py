@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 from sqlalchemy import (
     ColumnElement,
@@ -54,6 +53,7 @@ from sqlalchemy.sql.dml import Update
 from sqlmodel import SQLModel, col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from server.batching import GroupCommit, Pending
 from server.engine.records import NodeExecution, RunState, RunUpdate
 from server.errors import Conflict, NotFound, SetupError
 from server.events import Event, utcnow
@@ -114,14 +114,10 @@ class RunIds:
         return str(uuid.UUID(int=ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b))
 
 
-@dataclass(eq=False, slots=True)
-class _Pending:
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Pending(Pending):
     event: Event
     change: NodeExecution | RunUpdate | None
-    wake: anyio.Event | None = None  # made when the caller waits (a writer never does)
-    waiting: bool = False
-    done: bool = False
-    error: Exception | None = None
 
 
 @dataclass(slots=True)
@@ -311,9 +307,7 @@ class SqlStore:
         self._graph_writes = 0
         self._sessions = async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
         self._ids = RunIds()
-        self._batch_size = batch_size
-        self._queue: list[_Pending] = []
-        self._writing = False
+        self._records = GroupCommit[_Pending](self._write_batch, batch_size)
         # SQLite has one writer at a time; taking turns in-process avoids "database is locked".
         self._sqlite_lock = anyio.Lock(fast_acquire=True)
         # The statements of ``record``, built once (building an upsert costs more than running it).
@@ -576,45 +570,7 @@ class SqlStore:
     # --- events ---------------------------------------------------------------------------------
 
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
-        item = _Pending(event, change)
-        self._queue.append(item)
-        while not item.done:
-            if not self._writing:
-                await self._drain(item)
-                continue
-            item.wake = anyio.Event()
-            item.waiting = True
-            try:
-                await item.wake.wait()
-            except BaseException:
-                # Cancelled while queued: the event is still written (the run's sequence stays
-                # gapless), but if this caller was just made the writer, someone must write.
-                item.waiting = False
-                if not item.done and not self._writing:
-                    await self._drain(item)
-                raise
-            item.waiting = False
-        if item.error is not None:
-            raise item.error
-
-    async def _drain(self, own: _Pending) -> None:
-        """Commit queued events batch by batch until ``own`` is written, then hand over."""
-        self._writing = True
-        try:
-            with anyio.CancelScope(shield=True):
-                # Let callers that are ready to record join this first batch.
-                await anyio.lowlevel.checkpoint()
-                while self._queue:
-                    batch = self._queue[: self._batch_size]
-                    del self._queue[: self._batch_size]
-                    await self._write_batch(batch)
-                    if own.done:
-                        successor = next((p for p in self._queue if p.waiting), None)
-                        if successor is not None and successor.wake is not None:
-                            successor.wake.set()
-                            break
-        finally:
-            self._writing = False
+        await self._records.submit(_Pending(event=event, change=change))
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:
@@ -637,19 +593,13 @@ class SqlStore:
                     except Exception as item_exc:
                         item.error = failed[item.event.run_id] = _conflict(item, item_exc)
         failures = {item.event.run_id: item.error for item in batch if item.error is not None}
-        for item in batch:
-            item.done = True
-            if item.wake is not None:
-                item.wake.set()
-        if failures and self._queue:
+        queue = self._records.queue
+        if failures and queue:
             # Events of those runs queued meanwhile come later in their sequence: fail them too.
-            later = [p for p in self._queue if p.event.run_id in failures]
-            self._queue[:] = [p for p in self._queue if p.event.run_id not in failures]
+            later = [p for p in queue if p.event.run_id in failures]
+            queue[:] = [p for p in queue if p.event.run_id not in failures]
             for item in later:
-                item.error = failures[item.event.run_id]
-                item.done = True
-                if item.wake is not None:
-                    item.wake.set()
+                item.finish(failures[item.event.run_id])
 
     async def _commit(self, batch: list[_Pending]) -> None:
         events = [

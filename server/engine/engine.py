@@ -48,7 +48,7 @@ from server.engine.protocols import Recorder
 from server.engine.records import NodeExecution, RunInfo, RunState, RunUpdate, Usage, add_usage
 from server.errors import BraidError, ExpressionError, NodeError, RetryableError
 from server.events import Event, utcnow
-from server.graph.model import Edge, Graph, Node, RetryPolicy
+from server.graph.model import Edge, Graph, Node, RetryPolicy, is_unicode
 from server.status import EventType, NodeStatus, RunStatus
 
 PLAN_CACHE_SIZE = 256
@@ -219,20 +219,12 @@ def _guarded(value: Any) -> Any:
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def json_data(value: Any, path: str) -> Any:
     """``value`` as plain JSON data (tuples become lists); anything else is a node failure, so an
     output the store could not persist never leaves a run half-recorded."""
     if isinstance(value, _SCALARS):
         if isinstance(value, str):
-            if not value.isascii() and not _is_unicode(value):
+            if not value.isascii() and not is_unicode(value):
                 raise NodeError(f"{path} is a string that is not valid Unicode (a lone surrogate)")
         elif isinstance(value, float) and not math.isfinite(value):
             raise NodeError(f"{path} is {value}, not a JSON number (JSON has no NaN or Infinity)")

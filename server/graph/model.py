@@ -8,6 +8,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from server.graph.expressions import Expression
 
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate such as ``"\\ud800"``), as JSON text
+    that every client, store and database can take must be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 if TYPE_CHECKING:  # agents.registry imports the engine, which imports this module
     from agents.registry import AgentConfig, AgentKind
 

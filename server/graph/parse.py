@@ -25,7 +25,7 @@ from agents.registry import AgentKind, Registry
 from server.errors import ExpressionError, Problem, ValidationFailed
 from server.graph.expressions import Expression
 from server.graph.fields import ExpressionField, ValidationContext
-from server.graph.model import Edge, Graph, Node, RetryPolicy
+from server.graph.model import Edge, Graph, Node, RetryPolicy, is_unicode
 from server.graph.topology import Link, analyse
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -172,7 +172,7 @@ def json_problems(value: Any, loc: tuple[str | int, ...] = ()) -> list[Problem]:
     while todo and len(problems) < 100:
         item, at = todo.pop()
         if isinstance(item, str):
-            if not item.isascii() and not _is_unicode(item):
+            if not item.isascii() and not is_unicode(item):
                 problems.append(Problem(dotted(at), "a string that is not valid Unicode (a lone surrogate)"))
         elif isinstance(item, bool | int | None):
             pass
@@ -184,7 +184,7 @@ def json_problems(value: Any, loc: tuple[str | int, ...] = ()) -> list[Problem]:
                 if not isinstance(key, str):
                     problems.append(Problem(dotted(at), f"the key {key!r} is not a string"))
                     continue
-                if not key.isascii() and not _is_unicode(key):
+                if not key.isascii() and not is_unicode(key):
                     problems.append(Problem(dotted(at), "a key that is not valid Unicode (a lone surrogate)"))
                 todo.append((v, (*at, key)))
         elif isinstance(item, list):
@@ -192,14 +192,6 @@ def json_problems(value: Any, loc: tuple[str | int, ...] = ()) -> list[Problem]:
         else:
             problems.append(Problem(dotted(at), f"a {type(item).__name__} value is not JSON data"))
     return sorted(problems, key=lambda p: p.path)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _plain_json(value: Any, loc: tuple[str | int, ...], problems: list[Problem]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +25,8 @@ from server.api.health import health_handlers
 from server.api.runs import run_handlers
 from server.braid import Braid, open_braid
 from server.config import Settings, check_folders
+
+QUIET_LOGGERS = ("httpx", "httpx2", "httpcore")
 
 
 def provide_braid(state: State) -> Braid:
@@ -56,6 +59,10 @@ def create_app(settings: Settings | None = None, *, workers: bool | None = None)
     if settings is None:
         settings = Settings.from_env()
         check_folders()
+    # The HTTP clients under openai and the http agent log every request at INFO: one line per
+    # LLM call would drown Braid's own log.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncGenerator[None]:

@@ -1117,3 +1117,18 @@ async def test_an_output_no_client_could_parse_fails_the_node(value: str, messag
     assert update.status == RunStatus.FAILED
     assert message in (update.error or "")
     assert recorder.types()[-2:] == ["node.failed", "workflow.finished"]
+
+
+@pytest.mark.anyio
+async def test_a_missing_key_error_names_the_keys_that_are_there() -> None:
+    graph = make_graph(
+        {
+            "a": {"agent": "echo", "value": "{'summary': 'x', 'score': 3}"},
+            "b": {"agent": "echo", "value": "outputs.a.sumary"},
+        },
+        [{"from": "a", "to": "b"}],
+    )
+    update, _ = await run_graph(graph, input={})
+    assert update.status == RunStatus.FAILED
+    assert "no key 'sumary' (keys: summary, score)" in (update.error or "")
+    assert "_CopyOnRead" not in (update.error or "")

@@ -12,7 +12,7 @@ import functools
 import operator as op
 from collections.abc import Callable, Mapping
 from types import CodeType
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -54,8 +54,24 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+class _Undefined(jinja2.StrictUndefined):
+    """StrictUndefined whose message names what is there instead of Python's class names
+    (``'server.engine.engine._CopyOnRead object' has no attribute 'x'``)."""
+
+    __slots__ = ()
+
+    @property
+    def _undefined_message(self) -> str:
+        owner: Any = self._undefined_obj
+        if self._undefined_hint is None and isinstance(owner, Mapping):
+            keys: list[str] = [str(key) for key in cast(Mapping[Any, Any], owner)]
+            shown = ", ".join(keys[:20]) + (", ..." if len(keys) > 20 else "")
+            return f"no key {self._undefined_name!r} (" + (f"keys: {shown})" if shown else "it is empty)")
+        return super()._undefined_message
+
+
 def _environment() -> _Sandbox:
-    env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    env = _Sandbox(undefined=_Undefined, autoescape=False, keep_trailing_newline=True)
     env.globals.clear()
     env.filters = {k: v for k, v in env.filters.items() if k in ALLOWED_FILTERS}
     env.tests = dict(env.tests)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, cast
 
 from litestar import Request, Response, get, post
@@ -16,7 +16,7 @@ from litestar.types import ASGIApp
 from server.api import serialize
 from server.api.errors import MalformedBody, invalid, query_bool, query_float, query_int
 from server.braid import Braid
-from server.errors import Problem, ValidationFailed
+from server.errors import NotFound, Problem, ValidationFailed
 from server.graph.parse import MAX_DEPTH, json_problems, too_deep
 from server.status import RunStatus
 from server.store.base import RunRecord
@@ -111,9 +111,14 @@ async def run_answer(
     *,
     fresh: bool = False,
 ) -> Response[Any]:
-    """The run with its node executions; a ``fresh`` run (as created, before any event) has none."""
+    """The run with its node executions, then its graph's other nodes as ``pending``; a ``fresh``
+    run (as created, before any event) has no execution yet."""
     nodes = [] if fresh else await braid.store.node_executions(run.id)
-    return Response(serialize.run(run, nodes), status_code=status_code, headers=headers)
+    try:
+        graph_nodes: Iterable[str] = (await braid.graphs.get(run.graph, run.version)).nodes
+    except (NotFound, ValidationFailed):  # the graph was deleted, or no longer builds here
+        graph_nodes = ()
+    return Response(serialize.run(run, nodes, graph_nodes), status_code=status_code, headers=headers)
 
 
 @post(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -88,8 +89,29 @@ def node_execution(execution: NodeExecution) -> dict[str, Any]:
     }
 
 
-def run(record: RunRecord, nodes: list[NodeExecution]) -> dict[str, Any]:
-    """A run with its node executions (``GET /runs/{id}``, and every answer that returns a run)."""
+def pending_node(node: str) -> dict[str, Any]:
+    """A node of the run's graph that has not executed (yet)."""
+    return {
+        "node": node,
+        "status": "pending",
+        "iteration": 0,
+        "index": None,
+        "attempts": 0,
+        "output": None,
+        "error": None,
+        "started_at": None,
+        "finished_at": None,
+        "duration_ms": None,
+        "usage": {},
+    }
+
+
+def run(
+    record: RunRecord, nodes: list[NodeExecution], graph_nodes: Iterable[str] = ()
+) -> dict[str, Any]:
+    """A run with its node executions (``GET /runs/{id}``, and every answer that returns a run),
+    then every node of its graph that has not executed as ``pending``, in declaration order."""
+    executed = {n.node for n in nodes}
     return {
         "id": record.id,
         "graph": record.graph,
@@ -104,5 +126,6 @@ def run(record: RunRecord, nodes: list[NodeExecution]) -> dict[str, Any]:
         "finished_at": timestamp(record.finished_at),
         "duration_ms": record.duration_ms,
         "usage": dict(record.usage),
-        "nodes": [node_execution(n) for n in nodes],
+        "nodes": [node_execution(n) for n in nodes]
+        + [pending_node(node) for node in graph_nodes if node not in executed],
     }

@@ -241,6 +241,47 @@ async def test_concurrent_create_run_with_one_key_makes_one_run(store: SqlStore)
     assert len(runs) == 1
 
 
+async def test_a_burst_of_new_runs_is_stored_in_few_statements_and_a_taken_key_fails_alone(
+    store: SqlStore,
+) -> None:
+    taken, _ = await store.create_run("brief", 1, {"first": True}, idempotency_key="taken")
+    inserts = 0
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        nonlocal inserts
+        inserts += statement.lstrip().upper().startswith("INSERT INTO RUNS")
+
+    engines = {store._writer or store._autocommit.sync_engine, store._engine.sync_engine}
+    for engine in engines:
+        sa_event.listen(engine, "before_cursor_execute", count)
+    results: dict[str, list[tuple[str, bool]]] = {}
+
+    async def create(key: str | None, i: int) -> None:
+        run, created = await store.create_run("brief", 1, {"i": i}, idempotency_key=key)
+        results.setdefault(key or f"plain-{i}", []).append((run.id, created))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(30):
+            tg.start_soon(create, None, i)
+    assert inserts < 5, f"{inserts} INSERT statements for a burst of 30 new runs: not batched"
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(create, None, 100 + i)
+        tg.start_soon(create, "taken", 30)
+        tg.start_soon(create, "new", 31)
+        tg.start_soon(create, "new", 32)
+
+    assert results["taken"] == [(taken.id, False)]
+    assert sorted(created for _, created in results["new"]) == [False, True]
+    assert len({run_id for run_id, _ in results["new"]}) == 1
+    plain = [results[f"plain-{i}"][0] for i in (*range(30), *range(100, 120))]
+    assert all(created for _, created in plain) and len({run_id for run_id, _ in plain}) == 50
+    runs, _ = await store.list_runs(limit=100)
+    assert len(runs) == 1 + 50 + 1
+    inputs = {r.id: r.input for r in runs}
+    assert inputs[plain[7][0]] == {"i": 7} and inputs[plain[-1][0]] == {"i": 119}
+
+
 async def test_list_runs_pages_newest_first_with_filters(store: SqlStore) -> None:
     ids = [(await store.create_run("a" if i % 2 else "b", 1, {"i": i}))[0].id for i in range(7)]
     assert ids == sorted(ids), "run ids are time-ordered"

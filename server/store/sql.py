@@ -120,6 +120,11 @@ class _Pending(Pending):
     change: NodeExecution | RunUpdate | None
 
 
+@dataclass(eq=False, slots=True, kw_only=True)
+class _NewRun(Pending):
+    values: dict[str, Any]
+
+
 @dataclass(slots=True)
 class _Writes:
     """The rows of one batch: events, node upserts, ``last_seq`` updates, other run updates."""
@@ -308,6 +313,9 @@ class SqlStore:
         self._sessions = async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
         self._ids = RunIds()
         self._records = GroupCommit[_Pending](self._write_batch, batch_size)
+        # Runs created at once (a burst of POSTs) share a transaction: on SQLite, one at a time
+        # each, they queued for the writer ahead of the events of the runs already going.
+        self._creations = GroupCommit[_NewRun](self._insert_runs, batch_size)
         # SQLite has one writer at a time; taking turns in-process avoids "database is locked".
         self._sqlite_lock = anyio.Lock(fast_acquire=True)
         # The statements of ``record``, built once (building an upsert costs more than running it).
@@ -512,7 +520,7 @@ class SqlStore:
             "last_seq": 0,
         }
         try:
-            await self._write_one(self._insert_run, values)
+            await self._creations.submit(_NewRun(values=values))
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -522,6 +530,20 @@ class SqlStore:
                 raise
             return _run(existing), False
         return run, True
+
+    async def _insert_runs(self, batch: list[_NewRun]) -> None:
+        """Insert a batch of new runs in one statement; if one of them fails (an idempotency key
+        taken meanwhile), each one alone, so only that one fails."""
+        try:
+            await self._write_one(self._insert_run, [item.values for item in batch])
+        except IntegrityError:
+            if len(batch) == 1:
+                raise
+            for item in batch:
+                try:
+                    await self._write_one(self._insert_run, [item.values])
+                except IntegrityError as exc:
+                    item.error = exc
 
     async def get_run(self, run_id: str) -> RunRecord:
         row = await self._read(lambda conn: conn.execute(RUN_BY_ID, {"run_id": run_id}).first())
@@ -730,8 +752,8 @@ class SqlStore:
         async with self._autocommit.connect() as conn:
             return await conn.run_sync(read)
 
-    async def _write_one(self, statement: Any, parameters: dict[str, Any]) -> None:
-        """One statement in a transaction of its own."""
+    async def _write_one(self, statement: Any, parameters: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One statement (run for each of a list of parameter sets) in a transaction of its own."""
         writer = self._writer
         if writer is not None:
 

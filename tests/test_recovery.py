@@ -40,7 +40,11 @@ def test_a_run_interrupted_by_a_crash_is_resumed_at_the_next_start(tmp_path: Pat
         with httpx.Client(base_url=server.url, timeout=10) as client:
             assert client.post("/graphs", json=GRAPH).status_code == 201
             run_id = client.post("/graphs/crashy/runs", json={"input": {}}).json()["id"]
-            poll(client, run_id, lambda r: any(n["node"] == "slow" and n["status"] == "running" for n in r["nodes"]))
+            poll(
+                client,
+                run_id,
+                lambda r: ("slow", "running") in {(n["node"], n["status"]) for n in r["nodes"]},
+            )
         server.process.kill()  # kill -9: no shutdown, no cleanup
         server.process.wait()
 

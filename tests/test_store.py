@@ -275,11 +275,13 @@ async def test_a_burst_of_new_runs_is_stored_in_few_statements_and_a_taken_key_f
     assert sorted(created for _, created in results["new"]) == [False, True]
     assert len({run_id for run_id, _ in results["new"]}) == 1
     plain = [results[f"plain-{i}"][0] for i in (*range(30), *range(100, 120))]
-    assert all(created for _, created in plain) and len({run_id for run_id, _ in plain}) == 50
+    assert all(created for _, created in plain)
+    assert len({run_id for run_id, _ in plain}) == 50
     runs, _ = await store.list_runs(limit=100)
     assert len(runs) == 1 + 50 + 1
     inputs = {r.id: r.input for r in runs}
-    assert inputs[plain[7][0]] == {"i": 7} and inputs[plain[-1][0]] == {"i": 119}
+    assert inputs[plain[7][0]] == {"i": 7}
+    assert inputs[plain[-1][0]] == {"i": 119}
 
 
 async def test_list_runs_pages_newest_first_with_filters(store: SqlStore) -> None:

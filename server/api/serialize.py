@@ -106,9 +106,7 @@ def pending_node(node: str) -> dict[str, Any]:
     }
 
 
-def run(
-    record: RunRecord, nodes: list[NodeExecution], graph_nodes: Iterable[str] = ()
-) -> dict[str, Any]:
+def run(record: RunRecord, nodes: list[NodeExecution], graph_nodes: Iterable[str] = ()) -> dict[str, Any]:
     """A run with its node executions (``GET /runs/{id}``, and every answer that returns a run),
     then every node of its graph that has not executed as ``pending``, in declaration order."""
     executed = {n.node for n in nodes}

@@ -544,6 +544,38 @@ async def test_timestamps_round_trip_as_aware_utc(store: SqlStore) -> None:
     assert (event.at, event.at.utcoffset()) == (tokyo, timedelta(0))
 
 
+async def test_sqlite_point_reads_fall_back_to_a_reader_thread_when_sqlite_is_busy(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not store.url.startswith("sqlite"):
+        pytest.skip("SQLite's point reads on the event loop")
+    run, _ = await store.create_run("brief", 1, {"topic": "x", "n": [1, 2]}, "key-1")
+    await store.record(
+        Event(run_id=run.id, seq=1, type=EventType.WORKFLOW_STARTED, graph="brief", at=T0),
+        RunUpdate(status=RunStatus.RUNNING, at=T0),
+    )
+    quick = await store.get_run(run.id)
+    assert (quick.status, quick.started_at, quick.input, quick.last_seq) == (
+        RunStatus.RUNNING,
+        T0,
+        {"topic": "x", "n": [1, 2]},
+        1,
+    )
+
+    def busy(*_: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    points = store._points  # pyright: ignore[reportPrivateUsage]
+    assert points is not None
+    monkeypatch.setattr(points, "run", busy)
+    monkeypatch.setattr(points, "latest_version", busy)
+    assert await store.get_run(run.id) == quick
+    await store.create_graph("brief", SPEC, None, 1)
+    assert (await store.get_graph("brief")).version == 1
+    with pytest.raises(NotFound):
+        await store.get_run("missing")
+
+
 async def test_reopened_store_sees_everything(open_store: Opener) -> None:
     first = await open_store()
     await first.create_graph("brief", SPEC, None, 1)

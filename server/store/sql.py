@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -24,12 +25,11 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Engine,
     Row,
@@ -38,7 +38,6 @@ from sqlalchemy import (
     event,
     func,
     inspect,
-    literal,
     text,
     update,
 )
@@ -71,8 +70,9 @@ from server.store.models import (
     GraphRow,
     NodeRow,
     RunRow,
-    UTCDateTime,
 )
+
+log = logging.getLogger("braid.store")
 
 #: What ``run_state`` hands a resumed run: executions that need not run again.
 RESUMABLE = (NodeStatus.SUCCEEDED, NodeStatus.FAILED, NodeStatus.SKIPPED)
@@ -157,11 +157,7 @@ class _SqliteBatches:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.conn: Connection | None = None
-        dialect = engine.dialect
-
-        def processors(table: Any, names: tuple[str, ...]) -> list[Callable[[Any], Any] | None]:
-            return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
-
+        processors = self.processors
         self.event_processors = processors(EVENTS, self.EVENT_COLUMNS)
         self.event_sql = (
             f"INSERT INTO {EVENTS.name} ({', '.join(self.EVENT_COLUMNS)}) "
@@ -177,13 +173,55 @@ class _SqliteBatches:
             + ", ".join(f"{name} = excluded.{name}" for name in NODE_COLUMNS)
         )
         self.seq_sql = f"UPDATE {RUNS.name} SET last_seq = ? WHERE id = ?"
+        self.run_columns = tuple(column.name for column in RUNS.columns)
+        self.run_processors = processors(RUNS, self.run_columns)
+        self.no_run_values = dict.fromkeys(self.run_columns)
+        self.run_sql = (
+            f"INSERT INTO {RUNS.name} ({', '.join(self.run_columns)}) "
+            f"VALUES ({', '.join('?' for _ in self.run_columns)})"
+        )
+        self.run_updates: dict[frozenset[str], tuple[str, tuple[str, ...], list[Any]]] = {}
         self.thread: ThreadPoolExecutor | None = None
+
+    def processors(self, table: Any, names: tuple[str, ...]) -> list[Callable[[Any], Any] | None]:
+        """The bind processors SQLAlchemy applies to ``names`` of ``table``."""
+        dialect = self.engine.dialect
+        return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
 
     async def commit(self, writes: _Writes) -> list[int]:
         """Write one batch in one transaction (in the writer thread): the events' ``gid``s."""
+        return await self._in_thread(self.write, writes)
+
+    async def insert_runs(self, runs: list[dict[str, Any]]) -> None:
+        """Insert new runs in one transaction (in the writer thread)."""
+        await self._in_thread(self.write_runs, runs)
+
+    async def _in_thread(self, write: Callable[[Any], T], argument: Any) -> T:
         if self.thread is None:
             self.thread = ThreadPoolExecutor(1, thread_name_prefix="braid-sqlite-writer")
-        return await asyncio.get_running_loop().run_in_executor(self.thread, self.write, writes)
+        return await asyncio.get_running_loop().run_in_executor(self.thread, write, argument)
+
+    def _run_update(
+        self, columns: frozenset[str]
+    ) -> tuple[str, tuple[str, ...], list[Callable[[Any], Any] | None]]:
+        """``UPDATE runs`` of ``columns`` by id (``started_at`` keeps its first value), built once
+        per set of columns: the statement, its column order and their bind processors."""
+        built = self.run_updates.get(columns)
+        if built is None:
+            names = tuple(sorted(columns))
+            sets = [
+                f"{name} = coalesce({name}, ?)" if name == "started_at" else f"{name} = ?" for name in names
+            ]
+            sql = f"UPDATE {RUNS.name} SET {', '.join(sets)} WHERE id = ?"
+            built = self.run_updates[columns] = (sql, names, self.processors(RUNS, names))
+        return built
+
+    def write_runs(self, runs: list[dict[str, Any]]) -> None:
+        # A column a run leaves out (``started_at`` of a new run) is NULL, as in SQLAlchemy's insert.
+        rows = [
+            self._row({**self.no_run_values, **run}, self.run_columns, self.run_processors) for run in runs
+        ]
+        self._transaction(lambda cursor: self._execute(cursor, self.run_sql, rows, many=True))
 
     async def aclose(self) -> None:
         thread, self.thread = self.thread, None
@@ -192,6 +230,28 @@ class _SqliteBatches:
             thread.shutdown(wait=False)
 
     def write(self, writes: _Writes) -> list[int]:
+        def write(cursor: sqlite3.Cursor) -> list[int]:
+            gids: list[int] = []
+            for row in writes.events:
+                self._execute(
+                    cursor, self.event_sql, self._row(row, self.EVENT_COLUMNS, self.event_processors)
+                )
+                gids.append(int(cursor.lastrowid or 0))
+            if writes.nodes:
+                rows = [self._row(n, self.node_columns, self.node_processors) for n in writes.nodes]
+                self._execute(cursor, self.node_sql, rows, many=True)
+            if writes.seq_only:
+                rows = [(r["b_seq"], r["b_id"]) for r in writes.seq_only]
+                self._execute(cursor, self.seq_sql, rows, many=True)
+            for run_id, values in writes.runs:
+                sql, names, processors = self._run_update(frozenset(values))
+                self._execute(cursor, sql, [*self._row(values, names, processors), run_id])
+            return gids
+
+        return self._transaction(write)
+
+    def _transaction(self, write: Callable[[sqlite3.Cursor], T]) -> T:
+        """``write`` with a cursor of the writer's connection, in one transaction."""
         conn = self.conn
         if conn is None:
             conn = self.conn = self.engine.connect()
@@ -199,30 +259,16 @@ class _SqliteBatches:
             with conn.begin():
                 dbapi = conn.connection.dbapi_connection
                 assert dbapi is not None
-                cursor = dbapi.cursor()
+                cursor = cast(sqlite3.Cursor, dbapi.cursor())
                 try:
-                    gids: list[int] = []
-                    for row in writes.events:
-                        self._execute(
-                            cursor, self.event_sql, self._row(row, self.EVENT_COLUMNS, self.event_processors)
-                        )
-                        gids.append(int(cursor.lastrowid))
-                    if writes.nodes:
-                        rows = [self._row(n, self.node_columns, self.node_processors) for n in writes.nodes]
-                        self._execute(cursor, self.node_sql, rows, many=True)
-                    if writes.seq_only:
-                        rows = [(r["b_seq"], r["b_id"]) for r in writes.seq_only]
-                        self._execute(cursor, self.seq_sql, rows, many=True)
+                    return write(cursor)
                 finally:
                     cursor.close()
-                for run_id, values in writes.runs:
-                    conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
         except BaseException:
             # A fresh connection for the next batch, whatever state this one is in.
             self.conn = None
             conn.close()
             raise
-        return gids
 
     def close(self) -> None:
         if self.conn is not None:
@@ -250,6 +296,65 @@ class _SqliteBatches:
                 cursor.execute(sql, params)
         except sqlite3.Error as exc:
             raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
+
+
+class _SqlitePointReads:
+    """Point reads by key (a run by id, a graph's latest version number) on the calling thread,
+    the event loop's: an indexed lookup takes SQLite microseconds, while a trip to a reader
+    thread costs a hundred or more of the event loop's own, and under load its Python side
+    holds the GIL against the loop anyway. The connection is read-only and never waits for a
+    lock (``busy_timeout=0``): in WAL mode a reader needs none, and if SQLite still says busy
+    (a crashed writer's WAL being recovered) the caller reads through a reader thread instead.
+    Values go through the result processors SQLAlchemy applies, so the rows are the same."""
+
+    def __init__(self, path: str, dialect: Any) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+
+        def processors(table: Any) -> list[Callable[[Any], Any] | None]:
+            return [
+                column.type.dialect_impl(dialect).result_processor(dialect, None) for column in table.columns
+            ]
+
+        self.run_columns = tuple(column.name for column in RUNS.columns)
+        self.run_processors = processors(RUNS)
+        self.run_sql = f"SELECT {', '.join(self.run_columns)} FROM {RUNS.name} WHERE id = ?"
+        self.latest_sql = f"SELECT max(version) FROM {GRAPHS.name} WHERE name = ?"
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = self.conn
+        if conn is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=0")
+            conn.execute("PRAGMA query_only=ON")
+            self.conn = conn
+        return conn
+
+    def run(self, run_id: str) -> RunRecord | None:
+        """The run, None if there is none; ``sqlite3.Error`` if SQLite could not read now."""
+        row = self._connection().execute(self.run_sql, (run_id,)).fetchone()
+        if row is None:
+            return None
+        values = [
+            value if process is None or value is None else process(value)
+            for value, process in zip(row, self.run_processors, strict=True)
+        ]
+        return _run(_Columns(zip(self.run_columns, values, strict=True)))
+
+    def latest_version(self, name: str) -> int | None:
+        row = self._connection().execute(self.latest_sql, (name,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+
+class _Columns(dict[str, Any]):
+    """A row's values by column name, read as attributes (what ``_run`` reads of a row)."""
+
+    __getattr__ = dict.__getitem__
 
 
 def _set_sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -282,6 +387,7 @@ class SqlStore:
         # and the query, without the BEGIN and ROLLBACK around each read, nor the transaction
         # the pre-ping of a transactional connection opens).
         self._reader: Engine | None = None
+        self._points: _SqlitePointReads | None = None
         self._reader_threads = anyio.CapacityLimiter(READER_THREADS)
         self._autocommit: AsyncEngine = self._engine
         if self._sqlite:
@@ -296,6 +402,7 @@ class SqlStore:
                 self._batches = _SqliteBatches(self._writer)
                 self._reader = create_engine(sync_url, json_serializer=_dumps)
                 event.listen(self._reader, "connect", _set_sqlite_pragmas)
+                self._points = _SqlitePointReads(database, self._reader.dialect)
         else:
             self._autocommit = create_async_engine(
                 url,
@@ -357,6 +464,8 @@ class SqlStore:
             await self._batches.aclose()
         if self._writer is not None:
             await anyio.to_thread.run_sync(self._writer.dispose, limiter=self._writer_thread)
+        if self._points is not None:
+            self._points.close()
         if self._reader is not None:
             await anyio.to_thread.run_sync(self._reader.dispose, limiter=self._reader_threads)
         if self._autocommit is not self._engine:
@@ -422,7 +531,9 @@ class SqlStore:
         if version is None:
             # The latest version is always read (a version stored by another process a moment ago
             # is the one a run gets); the record of that version may come from memory.
-            latest = await self._read(lambda conn: _latest_version(conn, name))
+            latest = await self._point_read(
+                lambda points: points.latest_version(name), lambda conn: _latest_version(conn, name)
+            )
             if latest is None:
                 raise NotFound(f"graph {name!r} not found")
             version = latest
@@ -535,21 +646,32 @@ class SqlStore:
         """Insert a batch of new runs in one statement; if one of them fails (an idempotency key
         taken meanwhile), each one alone, so only that one fails."""
         try:
-            await self._write_one(self._insert_run, [item.values for item in batch])
+            await self._write_runs([item.values for item in batch])
         except IntegrityError:
             if len(batch) == 1:
                 raise
             for item in batch:
                 try:
-                    await self._write_one(self._insert_run, [item.values])
+                    await self._write_runs([item.values])
                 except IntegrityError as exc:
                     item.error = exc
 
+    async def _write_runs(self, runs: list[dict[str, Any]]) -> None:
+        if self._batches is not None:
+            async with self._sqlite_lock:
+                await self._batches.insert_runs(runs)
+        else:
+            await self._write_one(self._insert_run, runs)
+
     async def get_run(self, run_id: str) -> RunRecord:
-        row = await self._read(lambda conn: conn.execute(RUN_BY_ID, {"run_id": run_id}).first())
-        if row is None:
+        def read(conn: Connection) -> RunRecord | None:
+            row = conn.execute(RUN_BY_ID, {"run_id": run_id}).first()
+            return None if row is None else _run(row)
+
+        run = await self._point_read(lambda points: points.run(run_id), read)
+        if run is None:
             raise NotFound(f"run {run_id!r} not found")
-        return _run(row)
+        return run
 
     async def list_runs(
         self,
@@ -637,8 +759,7 @@ class SqlStore:
         ]
         nodes: dict[tuple[str, str, int, int], dict[str, Any]] = {}
         last_seq: dict[str, int] = {}
-        run_updates: dict[str, dict[str, Any]] = {}
-        run_params: dict[str, dict[str, Any]] = {}  # the same, as plain values (``_update_runs``)
+        run_params: dict[str, dict[str, Any]] = {}  # the changed columns of each updated run
         for item in batch:
             run_id, change = item.event.run_id, item.change
             last_seq[run_id] = max(item.event.seq, last_seq.get(run_id, 0))
@@ -658,10 +779,9 @@ class SqlStore:
                     "usage": change.usage,
                 }
             elif isinstance(change, RunUpdate):
-                run_updates.setdefault(run_id, {}).update(_run_update(change))
                 run_params.setdefault(run_id, {}).update(_run_params(change))
-        seq_only = [{"b_id": r, "b_seq": seq} for r, seq in last_seq.items() if r not in run_updates]
-        changed = [(r, {**values, "last_seq": last_seq[r]}) for r, values in run_updates.items()]
+        seq_only = [{"b_id": r, "b_seq": seq} for r, seq in last_seq.items() if r not in run_params]
+        changed = [(r, {**values, "last_seq": last_seq[r]}) for r, values in run_params.items()]
         writes = _Writes(events, list(nodes.values()), seq_only, changed)
 
         if self._batches is not None:
@@ -737,6 +857,19 @@ class SqlStore:
         finally:
             self._graph_writes += 1
             self._graphs.clear()
+
+    async def _point_read(
+        self, quick: Callable[[_SqlitePointReads], T], read: Callable[[Connection], T]
+    ) -> T:
+        """``quick`` on SQLite's point-read connection, else (or when SQLite is busy) ``read``."""
+        points = self._points
+        if points is not None:
+            try:
+                return quick(points)
+            except sqlite3.Error as exc:
+                points.close()  # opened again for the next read, whatever state it was in
+                log.debug("point read failed (%s); reading through a reader thread", exc)
+        return await self._read(read)
 
     async def _read(self, read: Callable[[Connection], T]) -> T:
         """``read`` on a read connection: a synchronous SQLite connection in a reader thread, or
@@ -840,18 +973,8 @@ def _read_run_state(conn: Connection, run_id: str) -> RunState:
     return RunState(last_seq=last_seq, started=has_started, executions=executions)
 
 
-def _run_update(change: RunUpdate) -> dict[str, Any]:
-    values: dict[str, Any] = {"status": str(change.status)}
-    at: ColumnElement[Any] = literal(change.at, UTCDateTime())
-    if change.status is RunStatus.RUNNING:
-        values["started_at"] = func.coalesce(RUNS.c.started_at, at)
-    elif change.status.ended:
-        values.update(finished_at=at, output=change.output, error=change.error, usage=dict(change.usage))
-    return values
-
-
 def _run_params(change: RunUpdate) -> dict[str, Any]:
-    """``_run_update`` as plain values, for ``_update_runs_statement``."""
+    """The columns of ``runs`` a change sets (``started_at`` only where it is not set yet)."""
     values: dict[str, Any] = {"status": str(change.status)}
     if change.status is RunStatus.RUNNING:
         values["started_at"] = change.at
@@ -884,7 +1007,7 @@ def _graph(row: GraphRow | Row[Any]) -> GraphRecord:
     )
 
 
-def _run(row: RunRow | Row[Any]) -> RunRecord:
+def _run(row: RunRow | Row[Any] | _Columns) -> RunRecord:
     return RunRecord(
         id=row.id,
         graph=row.graph,

@@ -121,6 +121,7 @@ class Runner:
         self.heartbeat_seconds = heartbeat_seconds
         self.backoff_cap = backoff_cap
         self.handles: dict[str, RunHandle] = {}
+        self._held: dict[Delivery, None] = {}  # the deliveries being executed, in order
         self._stopping = False
         self._taking: anyio.CancelScope | None = None
         self._drained = anyio.Event()
@@ -135,6 +136,7 @@ class Runner:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listen_for_cancellations)
+                tg.start_soon(self._heartbeats)
                 task_status.started()
                 with anyio.CancelScope() as self._taking:
                     if self._stopping:
@@ -214,12 +216,11 @@ class Runner:
                 await self._fail_undeliverable(delivery.run_id, reason)
                 await delivery.dead_letter(reason)
                 return
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._heartbeat, delivery)
-                try:
-                    await self._execute_through_outages(delivery.run_id)
-                finally:
-                    tg.cancel_scope.cancel()
+            self._held[delivery] = None  # heartbeats go on while it is held
+            try:
+                await self._execute_through_outages(delivery.run_id)
+            finally:
+                del self._held[delivery]
             await delivery.ack()
         except Exception:
             # The run stays as persisted; its message is redelivered (or reclaimed) later.
@@ -246,10 +247,16 @@ class Runner:
                 await anyio.sleep(min(self.backoff_cap, 0.1 * 2 ** min(failures, 16)))
             log.info("run %s: the database is back; resuming the run", run_id)
 
-    async def _heartbeat(self, delivery: Delivery) -> None:
+    async def _heartbeats(self) -> None:
+        """Every ``heartbeat_seconds``, a heartbeat for each run this worker holds: one task for
+        all of them rather than a task (and a timer) per run."""
         while True:
             await anyio.sleep(self.heartbeat_seconds)
-            await delivery.heartbeat()
+            for delivery in list(self._held):
+                try:
+                    await delivery.heartbeat()
+                except Exception as exc:  # the next beat tries again; the run goes on meanwhile
+                    log.warning("run %s: heartbeat failed (%s)", delivery.run_id, exc)
 
     async def execute(self, run_id: str) -> RunUpdate | None:
         """Execute (or resume) one run to its end; None when there was nothing to do."""

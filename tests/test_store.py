@@ -545,10 +545,17 @@ async def test_timestamps_round_trip_as_aware_utc(store: SqlStore) -> None:
 
 
 async def test_sqlite_point_reads_fall_back_to_a_reader_thread_when_sqlite_is_busy(
-    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not store.url.startswith("sqlite"):
-        pytest.skip("SQLite's point reads on the event loop")
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'braid.db'}")
+    await store.start()
+    try:
+        await _point_reads_fall_back(store, monkeypatch)
+    finally:
+        await store.close()
+
+
+async def _point_reads_fall_back(store: SqlStore, monkeypatch: pytest.MonkeyPatch) -> None:
     run, _ = await store.create_run("brief", 1, {"topic": "x", "n": [1, 2]}, "key-1")
     await store.record(
         Event(run_id=run.id, seq=1, type=EventType.WORKFLOW_STARTED, graph="brief", at=T0),

@@ -27,9 +27,10 @@ def anyio_backend() -> str:
 
 
 async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``condition`` (a counter the worker bumps, with no event to wait on) until it holds."""
     with anyio.fail_after(within):
-        while not condition():
-            await anyio.sleep(0.01)
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)  # the poll interval; fail_after bounds the wait
 
 
 async def test_a_worker_heartbeats_the_runs_it_holds_and_stops_once_they_end(

@@ -625,3 +625,36 @@ async def test_ping_is_false_when_the_database_is_unreachable() -> None:
     store = SqlStore("postgresql+asyncpg://postgres@127.0.0.1:9/none")
     assert not await store.ping()
     await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_statements_ride_out_connections_postgres_dropped(postgres_database: str) -> None:
+    url = postgres_database
+    await _admin(url, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
+    store = SqlStore(url)
+    await store.start()
+    try:
+        run, _ = await store.create_run("brief", 1, {"n": 1})
+        await store.record(Event(run_id=run.id, seq=1, type=EventType.WORKFLOW_STARTED, graph="brief", at=T0))
+        assert (await store.get_run(run.id)).last_seq == 1
+        # As a Postgres restart would: every connection the store has pooled is gone.
+        await _admin(
+            url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        assert (await store.get_run(run.id)).last_seq == 1
+        await _admin(
+            url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        await store.record(
+            Event(run_id=run.id, seq=2, type=EventType.WORKFLOW_FINISHED, graph="brief", at=T0),
+            RunUpdate(status=RunStatus.SUCCEEDED, at=T0, output="done"),
+        )
+        done = await store.get_run(run.id)
+        assert (done.status, done.output, done.last_seq) == (RunStatus.SUCCEEDED, "done", 2)
+        assert [e.seq for e in await store.events(run.id)] == [1, 2]
+    finally:
+        await store.close()

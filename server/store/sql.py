@@ -21,10 +21,11 @@ import sqlite3
 import time
 import uuid
 import zlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -383,9 +384,10 @@ class SqlStore:
         self._batches: _SqliteBatches | None = None
         self._writer_thread = anyio.CapacityLimiter(1)
         # Reads: on SQLite, synchronous connections in threads of their own (one thread hop per
-        # read instead of aiosqlite's several); on Postgres, autocommit connections (a pre-ping
-        # and the query, without the BEGIN and ROLLBACK around each read, nor the transaction
-        # the pre-ping of a transactional connection opens).
+        # read instead of aiosqlite's several); on Postgres, autocommit connections: the query
+        # alone, without the BEGIN and ROLLBACK around each read, and without a pre-ping (a round
+        # trip per checkout): a statement that meets a connection Postgres dropped is tried once
+        # more on a new one (``_autocommitted``).
         self._reader: Engine | None = None
         self._points: _SqlitePointReads | None = None
         self._reader_threads = anyio.CapacityLimiter(READER_THREADS)
@@ -407,7 +409,6 @@ class SqlStore:
             self._autocommit = create_async_engine(
                 url,
                 json_serializer=_dumps,
-                pool_pre_ping=True,
                 isolation_level="AUTOCOMMIT",
                 # Reads and single inserts of many concurrent requests: a pool large enough that
                 # they reuse connections rather than open (and close) overflow ones.
@@ -787,6 +788,8 @@ class SqlStore:
         if self._batches is not None:
             async with self._sqlite_lock:
                 gids = await self._batches.commit(writes)
+        elif not self._sqlite:
+            gids = await self._commit_postgres(writes, last_seq, run_params)
         else:
             lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
             async with lock, self._engine.begin() as conn:
@@ -800,6 +803,53 @@ class SqlStore:
                 await self._update_runs(conn, run_params, last_seq)
         for item, gid in zip(batch, gids, strict=True):
             item.event.gid = gid
+
+    async def _commit_postgres(
+        self, writes: _Writes, last_seq: dict[str, int], runs: dict[str, dict[str, Any]]
+    ) -> list[int]:
+        """A batch on Postgres as one statement (``PG_RECORD``), so one round trip and its own
+        transaction: a transaction of a statement each (BEGIN, the lock, the events, the nodes,
+        the runs, COMMIT) cost eight round trips, each waiting behind the worker's other tasks."""
+        events = writes.events
+        nodes = writes.nodes
+        updated = [(run_id, runs.get(run_id, {})) for run_id in last_seq]
+        parameters = (
+            FEED_LOCK,
+            [e["run_id"] for e in events],
+            [e["seq"] for e in events],
+            [e["type"] for e in events],
+            [e["graph"] for e in events],
+            [_utc(e["at"]) for e in events],
+            [_dumps(e["data"]) for e in events],
+            [n["run_id"] for n in nodes],
+            [n["node"] for n in nodes],
+            [n["iteration"] for n in nodes],
+            [n["idx"] for n in nodes],
+            [n["status"] for n in nodes],
+            [n["attempts"] for n in nodes],
+            [_dumps(n["output"]) for n in nodes],
+            [n["error"] for n in nodes],
+            [_utc(n["started_at"]) for n in nodes],
+            [_utc(n["finished_at"]) for n in nodes],
+            [_dumps(n["usage"]) for n in nodes],
+            [run_id for run_id, _ in updated],
+            [last_seq[run_id] for run_id, _ in updated],
+            [values.get("status") for _, values in updated],
+            [_utc(values.get("started_at")) for _, values in updated],
+            [_utc(values.get("finished_at")) for _, values in updated],
+            ["finished_at" in values for _, values in updated],
+            [_dumps(values.get("output")) for _, values in updated],
+            [values.get("error") for _, values in updated],
+            [_dumps(values.get("usage")) for _, values in updated],
+        )
+
+        async def record(conn: AsyncConnection) -> list[tuple[int, str, int]]:
+            result = await conn.exec_driver_sql(PG_RECORD, parameters)
+            return cast("list[tuple[int, str, int]]", result.all())
+
+        rows = await self._autocommitted(record)
+        gids = {(run_id, seq): int(gid) for gid, run_id, seq in rows}
+        return [gids[(e["run_id"], e["seq"])] for e in events]
 
     async def _update_runs(
         self, conn: AsyncConnection, runs: dict[str, dict[str, Any]], last_seq: dict[str, int]
@@ -882,8 +932,23 @@ class SqlStore:
                     return read(conn)
 
             return await anyio.to_thread.run_sync(in_thread, limiter=self._reader_threads)
-        async with self._autocommit.connect() as conn:
-            return await conn.run_sync(read)
+        return await self._autocommitted(lambda conn: conn.run_sync(read))
+
+    async def _autocommitted(self, use: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """``use`` on an autocommit connection (each statement its own transaction). A connection
+        found dead (Postgres restarted since it was pooled: SQLAlchemy then drops every pooled
+        connection) is replaced and ``use`` called once more. That is safe for one statement:
+        a statement sent on a dead connection never ran, and one whose connection broke while it
+        ran and that did commit fails the second time as a duplicate, like any duplicate."""
+        for attempt in (1, 2):
+            try:
+                async with self._autocommit.connect() as conn:
+                    return await use(conn)
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+                log.info("a pooled database connection was dead (%s); trying on a new one", exc.orig)
+        raise AssertionError("unreachable")
 
     async def _write_one(self, statement: Any, parameters: dict[str, Any] | list[dict[str, Any]]) -> None:
         """One statement (run for each of a list of parameter sets) in a transaction of its own."""
@@ -901,8 +966,7 @@ class SqlStore:
             async with self._sqlite_lock, self._engine.begin() as conn:
                 await conn.execute(statement, parameters)
             return
-        async with self._autocommit.connect() as conn:  # one statement is its own transaction
-            await conn.execute(statement, parameters)
+        await self._autocommitted(lambda conn: conn.execute(statement, parameters))
 
 
 def _conflict(item: _Pending, exc: Exception) -> Exception:
@@ -971,6 +1035,64 @@ def _read_run_state(conn: Connection, run_id: str) -> RunState:
     )
     executions = [_execution(row) for row in conn.execute(ended)]
     return RunState(last_seq=last_seq, started=has_started, executions=executions)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A timestamp as ``UTCDateTime`` stores it on Postgres: aware, in UTC (naive is taken as UTC)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _node_sets() -> str:
+    return ", ".join(f"{name} = excluded.{name}" for name in NODE_COLUMNS)
+
+
+PG_RECORD = f"""
+WITH feed_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($1::bigint)),
+inserted AS (
+    INSERT INTO {EVENTS.name} (run_id, seq, type, graph, at, data)
+    SELECT e.run_id, e.seq, e.type, e.graph, e.at, e.data::jsonb
+    FROM feed_lock,
+        unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[], $7::text[])
+        WITH ORDINALITY AS e(run_id, seq, type, graph, at, data, ord)
+    ORDER BY e.ord
+    RETURNING gid, run_id, seq
+),
+nodes AS (
+    INSERT INTO {NODES.name}
+        (run_id, node, iteration, idx, status, attempts, output, error, started_at, finished_at, usage)
+    SELECT n.run_id, n.node, n.iteration, n.idx, n.status, n.attempts, n.output::jsonb, n.error,
+        n.started_at, n.finished_at, n.usage::jsonb
+    FROM feed_lock,
+        unnest($8::text[], $9::text[], $10::int[], $11::int[], $12::text[], $13::int[], $14::text[],
+            $15::text[], $16::timestamptz[], $17::timestamptz[], $18::text[])
+        AS n(run_id, node, iteration, idx, status, attempts, output, error, started_at, finished_at, usage)
+    ON CONFLICT (run_id, node, iteration, idx) DO UPDATE SET {_node_sets()}
+),
+runs_changed AS (
+    UPDATE {RUNS.name} SET
+        last_seq = u.last_seq,
+        status = coalesce(u.status, {RUNS.name}.status),
+        started_at = coalesce({RUNS.name}.started_at, u.started_at),
+        finished_at = CASE WHEN u.ended THEN u.finished_at ELSE {RUNS.name}.finished_at END,
+        output = CASE WHEN u.ended THEN u.output::jsonb ELSE {RUNS.name}.output END,
+        error = CASE WHEN u.ended THEN u.error ELSE {RUNS.name}.error END,
+        usage = CASE WHEN u.ended THEN u.usage::jsonb ELSE {RUNS.name}.usage END
+    FROM feed_lock,
+        unnest($19::text[], $20::int[], $21::text[], $22::timestamptz[], $23::timestamptz[], $24::bool[],
+            $25::text[], $26::text[], $27::text[])
+        AS u(id, last_seq, status, started_at, finished_at, ended, output, error, usage)
+    WHERE {RUNS.name}.id = u.id
+)
+SELECT gid, run_id, seq FROM inserted
+"""
+"""One batch of ``record`` on Postgres, in one statement (so in one transaction of its own):
+the feed lock first (every part reads ``feed_lock``, so no gid is drawn and no row locked before
+it: event ids become visible in commit order, and writers never wait on each other's rows in
+opposite orders), then the events, the node executions (upserted) and the runs (``last_seq``;
+``status``; ``started_at`` kept once set; ``finished_at``, ``output``, ``error`` and ``usage``
+of a run that ended). JSON goes as text; ``'null'`` for None, as SQLAlchemy's JSON type stores it."""
 
 
 def _run_params(change: RunUpdate) -> dict[str, Any]:

@@ -105,6 +105,9 @@ class RedisBus:
         await self._outbox.submit(_Outgoing(event=event))
 
     async def _send(self, batch: list[_Outgoing]) -> None:
+        # A run's stream lives ``unfinished_ttl`` after its last event, ``run_stream_ttl`` after its
+        # end (its last event): one EXPIRE per run of the batch, after its events.
+        ttls: dict[str, int] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in batch:
                 event = item.event
@@ -112,8 +115,10 @@ class RedisBus:
                 run_key = self.keys.run_events(event.run_id)
                 finished = event.type is EventType.WORKFLOW_FINISHED
                 pipe.xadd(run_key, fields, maxlen=self.feed_length, approximate=True)
-                pipe.expire(run_key, self.run_stream_ttl if finished else self.unfinished_ttl)
                 pipe.xadd(self.keys.events, fields, maxlen=self.feed_length, approximate=True)
+                ttls[run_key] = self.run_stream_ttl if finished else self.unfinished_ttl  # the last wins
+            for run_key, ttl in ttls.items():
+                pipe.expire(run_key, ttl)
             await pipe.execute()
 
     @asynccontextmanager

@@ -532,8 +532,13 @@ class SqlStore:
         if version is None:
             # The latest version is always read (a version stored by another process a moment ago
             # is the one a run gets); the record of that version may come from memory.
+            async def latest_on_postgres(conn: AsyncConnection) -> int | None:
+                return (await conn.exec_driver_sql(PG_LATEST_VERSION, (name,))).scalar()
+
             latest = await self._point_read(
-                lambda points: points.latest_version(name), lambda conn: _latest_version(conn, name)
+                lambda points: points.latest_version(name),
+                lambda conn: _latest_version(conn, name),
+                latest_on_postgres,
             )
             if latest is None:
                 raise NotFound(f"graph {name!r} not found")
@@ -669,7 +674,11 @@ class SqlStore:
             row = conn.execute(RUN_BY_ID, {"run_id": run_id}).first()
             return None if row is None else _run(row)
 
-        run = await self._point_read(lambda points: points.run(run_id), read)
+        async def read_on_postgres(conn: AsyncConnection) -> RunRecord | None:
+            row = (await conn.exec_driver_sql(PG_RUN_BY_ID, (run_id,))).first()
+            return None if row is None else _run(row)
+
+        run = await self._point_read(lambda points: points.run(run_id), read, read_on_postgres)
         if run is None:
             raise NotFound(f"run {run_id!r} not found")
         return run
@@ -909,9 +918,17 @@ class SqlStore:
             self._graphs.clear()
 
     async def _point_read(
-        self, quick: Callable[[_SqlitePointReads], T], read: Callable[[Connection], T]
+        self,
+        quick: Callable[[_SqlitePointReads], T],
+        read: Callable[[Connection], T],
+        postgres: Callable[[AsyncConnection], Awaitable[T]],
     ) -> T:
-        """``quick`` on SQLite's point-read connection, else (or when SQLite is busy) ``read``."""
+        """A read by key: ``quick`` on SQLite's point-read connection, ``postgres`` (one statement
+        in SQL of its own: no statement compiled and no rows processed by SQLAlchemy, asyncpg's
+        codecs give the values as they are stored) on Postgres, else (or when SQLite is busy)
+        ``read``."""
+        if not self._sqlite:
+            return await self._autocommitted(postgres)
         points = self._points
         if points is not None:
             try:
@@ -998,6 +1015,8 @@ def _schema_version(conn: Connection) -> int | None:
 # Hot reads, built once: building a statement (and its cache key) costs more than running it.
 LATEST_VERSION = sa_select(func.max(GRAPHS.c.version)).where(GRAPHS.c.name == bindparam("name"))
 RUN_BY_ID = sa_select(RUNS).where(RUNS.c.id == bindparam("run_id"))
+PG_LATEST_VERSION = f"SELECT max(version) FROM {GRAPHS.name} WHERE name = $1"
+PG_RUN_BY_ID = f"SELECT {', '.join(c.name for c in RUNS.columns)} FROM {RUNS.name} WHERE id = $1"
 
 
 def _latest_version(conn: Connection, name: str) -> int | None:

@@ -201,3 +201,23 @@ async def test_redis_run_stream_expires_after_the_run_finished(redis_backend: Ba
 
         assert 0 < await redis.ttl(stream) <= 60
         assert await redis.xlen(redis_backend.keys.events) == 2
+
+
+@pytest.mark.anyio
+async def test_redis_publishes_a_batch_in_order_and_after_redis_forgot_its_scripts(
+    redis_backend: Backend,
+) -> None:
+    bus = redis_backend.bus(run_stream_ttl=60)
+    async with connect(redis_backend.url) as redis, bus.subscribe(None) as feed:
+        async with anyio.create_task_group() as tg:  # published at once: one batch
+            for run_id, seq in [("a", 1), ("b", 1), ("a", 2), ("b", 2)]:
+                tg.start_soon(bus.publish, event(run_id, seq))
+        got = await receive(feed, 4)
+        assert [e.seq for e in got if e.run_id == "a"] == [1, 2]
+        assert [e.seq for e in got if e.run_id == "b"] == [1, 2]
+        assert await redis.xlen(redis_backend.keys.run_events("a")) == 2
+
+        await redis.script_flush()  # as a Redis restarted empty would
+        await bus.publish(event("a", 3, EventType.WORKFLOW_FINISHED, status="succeeded"))
+        assert [e.seq for e in await receive(feed, 1)] == [3]
+        assert 0 < await redis.ttl(redis_backend.keys.run_events("a")) <= 60

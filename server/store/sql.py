@@ -666,6 +666,18 @@ class SqlStore:
         if self._batches is not None:
             async with self._sqlite_lock:
                 await self._batches.insert_runs(runs)
+        elif not self._sqlite:
+            parameters = (
+                [r["id"] for r in runs],
+                [r["graph"] for r in runs],
+                [r["version"] for r in runs],
+                [r["status"] for r in runs],
+                [_dumps(r["input"]) for r in runs],
+                [_utc(r["created_at"]) for r in runs],
+                [_dumps(r["usage"]) for r in runs],
+                [r["idempotency_key"] for r in runs],
+            )
+            await self._autocommitted(lambda conn: conn.exec_driver_sql(PG_INSERT_RUNS, parameters))
         else:
             await self._write_one(self._insert_run, runs)
 
@@ -1015,6 +1027,16 @@ def _schema_version(conn: Connection) -> int | None:
 # Hot reads, built once: building a statement (and its cache key) costs more than running it.
 LATEST_VERSION = sa_select(func.max(GRAPHS.c.version)).where(GRAPHS.c.name == bindparam("name"))
 RUN_BY_ID = sa_select(RUNS).where(RUNS.c.id == bindparam("run_id"))
+PG_INSERT_RUNS = f"""
+INSERT INTO {RUNS.name} (id, graph, version, status, input, output, error, created_at, usage,
+    idempotency_key, last_seq)
+SELECT r.id, r.graph, r.version, r.status, r.input::jsonb, 'null'::jsonb, NULL, r.created_at,
+    r.usage::jsonb, r.idempotency_key, 0
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[], $7::text[],
+    $8::text[]) AS r(id, graph, version, status, input, created_at, usage, idempotency_key)
+"""
+"""New runs on Postgres, in one statement of plain SQL (as ``create_run`` builds them: queued, no
+output, ``last_seq`` 0; JSON as text, ``'null'`` for None as SQLAlchemy's JSON type stores it)."""
 PG_LATEST_VERSION = f"SELECT max(version) FROM {GRAPHS.name} WHERE name = $1"
 PG_RUN_BY_ID = f"SELECT {', '.join(c.name for c in RUNS.columns)} FROM {RUNS.name} WHERE id = $1"
 

@@ -37,15 +37,20 @@ class Response:
 
 
 class _Parsed:
-    """httptools' callbacks: the body parts received so far, and whether the message is done."""
+    """httptools' callbacks: the body parts received so far, whether the message is done, and
+    whether the connection stays open after it (read with the head: once the message is
+    complete, llhttp's ``should_keep_alive`` says False whatever the response said)."""
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.head = False
         self.done = False
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
 
     def on_headers_complete(self) -> None:
         self.head = True
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.parts.append(body)
@@ -62,6 +67,8 @@ class Connection:
         self.host = host
         self.port = port
         self._stream: anyio.abc.SocketStream | None = None
+        self.opened = 0
+        """TCP connections opened so far (1 while the server keeps the connection alive)."""
 
     @classmethod
     def to(cls, url: str) -> Connection:
@@ -82,7 +89,7 @@ class Connection:
         assert stream is not None
         while not parsed.done:
             await self._feed(stream, parser)
-        await self._finish(parser)
+        await self._finish(parsed)
         return Response(parser.get_status_code(), b"".join(parsed.parts))
 
     async def stream(self, method: str, path: str, body: Any = None) -> AsyncIterator[tuple[float, Any]]:
@@ -120,13 +127,14 @@ class Connection:
             with anyio.CancelScope(shield=True):
                 await self.close()
             raise
-        await self._finish(parser)
+        await self._finish(parsed)
 
     async def _send(
         self, method: str, path: str, body: Any, accept: str, parsed: _Parsed
     ) -> httptools.HttpResponseParser:
         if self._stream is None:
             self._stream = await anyio.connect_tcp(self.host, self.port)
+            self.opened += 1
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAccept: {accept}\r\n"
         payload = b""
         if body is not None:
@@ -135,7 +143,8 @@ class Connection:
         elif method in ("POST", "PUT"):
             head += "Content-Length: 0\r\n"
         await self._stream.send(head.encode() + b"\r\n" + payload)
-        return httptools.HttpResponseParser(parsed)
+        parser = parsed.parser = httptools.HttpResponseParser(parsed)
+        return parser
 
     async def _feed(self, stream: anyio.abc.SocketStream, parser: httptools.HttpResponseParser) -> None:
         try:
@@ -145,6 +154,6 @@ class Connection:
             raise ConnectionError("the server closed the connection mid-response") from None
         parser.feed_data(data)
 
-    async def _finish(self, parser: httptools.HttpResponseParser) -> None:
-        if not parser.should_keep_alive():
+    async def _finish(self, parsed: _Parsed) -> None:
+        if not parsed.keep_alive:
             await self.close()

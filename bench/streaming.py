@@ -110,6 +110,7 @@ async def measure_streamed(url: str, clients: int, rounds: int) -> dict[str, Any
             await connection.close()
     return {
         "clients": clients,
+        "connections_opened": sum(c.opened for c in connections),
         "worker_concurrency": worker_concurrency(clients),
         "rounds": rounds,
         "started_ms": {"p50": percentile(started, 50) * 1e3, "p99": percentile(started, 99) * 1e3},

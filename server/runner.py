@@ -132,7 +132,8 @@ class Runner:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Take and execute runs until cancelled (shutdown leaves unfinished runs to be resumed),
         or until ``stop_taking`` and the runs in flight have finished."""
-        limiter = anyio.Semaphore(self.concurrency)
+        # A free slot is taken without a trip round the event loop (see MemoryQueue.take).
+        limiter = anyio.Semaphore(self.concurrency, fast_acquire=True)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listen_for_cancellations)

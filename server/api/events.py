@@ -82,6 +82,15 @@ def _feed_frame(event: Event) -> ServerSentEvent:
     )
 
 
+async def _send(out: Frames, frame: ServerSentEvent) -> None:
+    """Queue a frame for the response: at once while there is room (no trip round the event loop
+    per event), else waiting for the client to take some."""
+    try:
+        out.send_nowait(frame)
+    except anyio.WouldBlock:
+        await out.send(frame)
+
+
 def _sse(produce: Callable[[Frames], Awaitable[None]], ping: float | None = None) -> EventSourceResponse:
     """An SSE response whose frames ``produce`` sends from a task of the response's own task group
     (cancelled when the client goes away; the stream ends when ``produce`` returns, or cleanly at
@@ -129,7 +138,7 @@ async def _produce_run(
 
     async def emit(event: Event) -> bool:
         nonlocal last
-        await out.send(_run_frame(event))
+        await _send(out, _run_frame(event))
         last = event.seq
         return event.type is EventType.WORKFLOW_FINISHED
 
@@ -290,7 +299,7 @@ async def _produce_feed(
         gid = event.gid
         if gid is None or gid <= floor or gid in seen:
             return
-        await out.send(_feed_frame(event))
+        await _send(out, _feed_frame(event))
         sent += 1
         seen.add(gid)
         order.append(gid)
@@ -322,7 +331,7 @@ async def _produce_feed(
                     floor = await last_gid(store)
                     if replay > 0:
                         for event in await feed_tail(store, floor, replay, graph, deltas):
-                            await out.send(_feed_frame(event))
+                            await _send(out, _feed_frame(event))
                 else:
                     floor = after
             await catch_up()

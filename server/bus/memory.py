@@ -48,7 +48,11 @@ class Buffer:
         if self.dropped is not None:
             raise SubscriberTooSlow(f"subscriber dropped: it {self.dropped}; resume from the last event id")
         try:
-            return await self._receive.receive()
+            # An event already here is taken without a trip round the event loop.
+            try:
+                return self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise SubscriberTooSlow(
                 f"subscriber dropped: it {self.dropped or 'was closed'}; resume from the last event id"

@@ -4,8 +4,10 @@ global feed ``GET /events``."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -457,6 +459,46 @@ async def test_feed_has_deltas_only_when_asked(client: httpx.AsyncClient) -> Non
     assert [{k: v for k, v in f.json().items() if k != "gid"} for f in everything] == [
         f.json() for f in run_stream
     ]
+
+
+async def test_streams_end_cleanly_when_the_server_shuts_down(tmp_path: Path) -> None:
+    """SIGTERM with a run mid-way and two streams open on it: both responses end properly (the
+    last chunk sent, no broken connection) well within uvicorn's graceful timeout, so clients
+    reconnect and resume by id; the server exits cleanly."""
+    with running_server(tmp_path / "shutdown") as server:
+        create_graphs(server.url, ["long"])
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+            run_id = await start_run(http, "long")
+            ended: list[list[str]] = []
+
+            async def follow(url: str, params: dict[str, str] | None = None) -> None:
+                seen: list[str] = []
+                async with http.stream("GET", url, params=params) as response:
+                    assert response.status_code == 200
+                    async for frame in iter_frames(response):
+                        seen.append(f"{frame.event} {frame.json().get('node', '')}".strip())
+                        if seen[-1] == "node.started w":
+                            waiting.set()
+                ended.append(seen)
+                if len(ended) == 2:
+                    both_ended.set()
+
+            waiting, both_ended = anyio.Event(), anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow, f"/runs/{run_id}/events")
+                tg.start_soon(follow, "/events", {"after": "0"})
+                with anyio.fail_after(10):
+                    await waiting.wait()
+                began = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(4):  # uvicorn would cut the streams at 5 s
+                    await both_ended.wait()
+            assert time.monotonic() - began < 4
+            assert all("node.started w" in seen and "workflow.finished" not in seen for seen in ended)
+        code = await anyio.to_thread.run_sync(lambda: server.process.wait(10))
+        # uvicorn (run here as `python -m uvicorn`) raises SIGTERM again once it has shut down.
+        assert code in (0, -signal.SIGTERM), server.log()[-3000:]
+        assert "returned without completing response" not in server.log()
 
 
 # --- after a restart (last: it replaces the module's server process) -------------------------

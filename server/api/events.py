@@ -91,34 +91,46 @@ async def _send(out: Frames, frame: ServerSentEvent) -> None:
         await out.send(frame)
 
 
+class _Shutdown:
+    """The ``shutdown_event`` sse-starlette sets when the server shuts down: it cancels the
+    stream's sender at once, so the stream ends cleanly (a task waiting on an ``anyio.Event``
+    did the same, at the cost of a task and a task group per stream)."""
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.called = False
+
+    def set(self) -> None:
+        self.called = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
 def _sse(produce: Callable[[Frames], Awaitable[None]], ping: float | None = None) -> EventSourceResponse:
     """An SSE response whose frames ``produce`` sends from a task of the response's own task group
     (cancelled when the client goes away; the stream ends when ``produce`` returns, or cleanly at
     server shutdown so that clients reconnect and resume by id)."""
     send, receive = anyio.create_memory_object_stream[ServerSentEvent](16)
-    shutdown = anyio.Event()
+    shutdown = _Shutdown()
 
     async def sender() -> None:
-        async with send, anyio.create_task_group() as tg:
-
-            async def stop_at_shutdown() -> None:
-                await shutdown.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_at_shutdown)
-            try:
-                await produce(send)
-            except Exception:
-                # The client sees the stream end and resumes by id.
-                log.exception("event stream failed")
-            tg.cancel_scope.cancel()
+        async with send:
+            with anyio.CancelScope() as shutdown.scope:
+                if shutdown.called:
+                    shutdown.scope.cancel()
+                try:
+                    await produce(send)
+                except Exception:
+                    # The client sees the stream end and resumes by id.
+                    log.exception("event stream failed")
 
     return EventSourceResponse(
         receive,
         data_sender_callable=sender,
         ping=ping_seconds() if ping is None else ping,
         send_timeout=SEND_TIMEOUT_SECONDS,
-        shutdown_event=shutdown,
+        # sse-starlette only calls ``set()`` on it.
+        shutdown_event=cast("anyio.Event", shutdown),
         shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
     )
 

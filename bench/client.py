@@ -83,10 +83,7 @@ class Connection:
 
     async def request(self, method: str, path: str, body: Any = None) -> Response:
         """Send a request (``body`` as JSON) and read the whole response."""
-        parsed = _Parsed()
-        parser = await self._send(method, path, body, "application/json", parsed)
-        stream = self._stream
-        assert stream is not None
+        parsed, parser, stream = await self._start(method, path, body, "application/json")
         while not parsed.done:
             await self._feed(stream, parser)
         await self._finish(parsed)
@@ -97,15 +94,11 @@ class Connection:
         until the server ends the response; first ``(time the response head arrived, None)``.
         Raises ``HTTPStatusError`` unless the status is 200. Read it to its end: a stream left
         early leaves the connection closed."""
-        parsed = _Parsed()
-        parser = await self._send(method, path, body, "text/event-stream", parsed)
-        stream = self._stream
-        assert stream is not None
+        parsed, parser, stream = await self._start(method, path, body, "text/event-stream")
         pending = b""
         opened = False
         try:
-            while not parsed.done:
-                await self._feed(stream, parser)
+            while True:
                 received = time.time()
                 if parsed.head and not opened:
                     opened = True
@@ -123,11 +116,36 @@ class Connection:
                     for line in lines:
                         if line.startswith(b"data:"):
                             yield received, json.loads(line[5:])
+                if parsed.done:
+                    break
+                await self._feed(stream, parser)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.close()
             raise
         await self._finish(parsed)
+
+    async def _start(
+        self, method: str, path: str, body: Any, accept: str
+    ) -> tuple[_Parsed, httptools.HttpResponseParser, anyio.abc.SocketStream]:
+        """Send the request and read the first bytes of the answer. A kept-alive connection that
+        the server closed meanwhile (uvicorn's idle timeout) fails before any byte comes back:
+        the request then goes again on a new connection, as HTTP clients do."""
+        for attempt in (1, 2):
+            reused = self._stream is not None
+            parsed = _Parsed()
+            try:
+                parser = await self._send(method, path, body, accept, parsed)
+                stream = self._stream
+                assert stream is not None
+                await self._feed(stream, parser)
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self.close()
+                if reused and attempt == 1:
+                    continue
+                raise
+            return parsed, parser, stream
+        raise AssertionError("unreachable")
 
     async def _send(
         self, method: str, path: str, body: Any, accept: str, parsed: _Parsed

@@ -95,6 +95,10 @@ process's new version is seen at once). A graph deleted and recreated by another
 show its old version of the same number for up to this long."""
 GRAPH_CACHE_SIZE = 1024
 
+AUTOCOMMIT_POOL = 20
+"""Postgres connections a process keeps for autocommit statements (with the transactional
+engine's 5 + 5, three Braid processes stay within Postgres's default of 100 connections)."""
+
 READER_THREADS = 4
 """SQLite reads run on synchronous connections in up to this many threads at once."""
 
@@ -410,10 +414,13 @@ class SqlStore:
                 url,
                 json_serializer=_dumps,
                 isolation_level="AUTOCOMMIT",
-                # Reads and single inserts of many concurrent requests: a pool large enough that
-                # they reuse connections rather than open (and close) overflow ones.
-                pool_size=10,
-                max_overflow=10,
+                # Reads and single inserts of many concurrent requests share AUTOCOMMIT_POOL
+                # connections, waiting for one when all are busy: overflow connections are closed
+                # when handed back, so under load each statement paid for a new Postgres
+                # connection (a backend started and torn down) and the API slowed down the more
+                # requests it had at once.
+                pool_size=AUTOCOMMIT_POOL,
+                max_overflow=0,
             )
         # Graph reads by (name, version or None for the latest): (expiry, record).
         self._graphs: dict[tuple[str, int], tuple[float, GraphRecord]] = {}

@@ -1,6 +1,6 @@
 """Run every benchmark, print their tables, write ``bench/results/latest.json``.
 
-    uv run --group bench python -m bench [--only engine_overhead,streaming] [--runs 500]
+    uv run --group bench python -m bench [--only engine_overhead,streaming] [--runs 2000]
 
 A benchmark whose services are missing (Postgres, Redis) is skipped with the reason; one that
 fails is reported and the others still run. The exit code is 0 unless every benchmark failed:
@@ -31,7 +31,7 @@ BENCHMARKS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
 def _distributed(argv: list[str]) -> dict[str, Any]:
     # ``distributed.main`` exits on a skip (for the command line); here a skip is a result.
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=distributed.DEFAULT_RUNS)
     args = parser.parse_args(argv)
     results = distributed.measure(args.runs, 32)
     print(distributed.report(results), flush=True)
@@ -41,7 +41,9 @@ def _distributed(argv: list[str]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--only", default="", help="comma-separated names: " + ", ".join(BENCHMARKS))
-    parser.add_argument("--runs", type=int, default=500, help="runs for the distributed benchmark")
+    parser.add_argument(
+        "--runs", type=int, default=distributed.DEFAULT_RUNS, help="runs for the distributed benchmark"
+    )
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(BENCHMARKS)
     unknown = [name for name in chosen if name not in BENCHMARKS]

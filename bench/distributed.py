@@ -1,7 +1,7 @@
 """Distributed throughput: Braid (Postgres + Redis, one API process, two workers) against Celery
 (same Redis, two prefork worker processes), N runs of a 3-node no-op chain each.
 
-    uv run --group bench python -m bench.distributed [--runs 500] [--concurrency 32]
+    uv run --group bench python -m bench.distributed [--runs 2000] [--concurrency 32]
 
 Braid: a fresh Postgres database (dropped afterwards) and an empty Redis database (Braid's keys
 deleted afterwards); `python -m server.cli serve` and two `python -m server.cli worker`; runs of
@@ -406,6 +406,11 @@ def report(results: dict[str, Any]) -> str:
     return out
 
 
+DEFAULT_RUNS = 2000
+"""Runs per system: the issue's fixed count, long enough (several seconds) that start-up and the
+last stragglers weigh little."""
+
+
 def measure(runs: int, concurrency: int) -> dict[str, Any]:
     check_services()
     results: dict[str, Any] = {"runs": runs, "concurrency": concurrency}
@@ -418,7 +423,7 @@ def measure(runs: int, concurrency: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.distributed", description=__doc__)
-    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
     parser.add_argument("--concurrency", type=int, default=32, help="POST requests in flight at most")
     args = parser.parse_args(argv)
     try:

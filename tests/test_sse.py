@@ -517,3 +517,48 @@ async def test_replay_after_a_restart(server: ServerProcess) -> None:
         assert names(full) == expected_chain(CHAIN)
         assert await read_frames(http, url, headers={"Last-Event-ID": "2"}) == full[2:]
         assert await read_frames(http, url, params={"after": 4}) == full[4:]
+
+
+async def test_a_feed_without_cursor_starts_where_the_request_came_not_where_its_stream_got_to(
+    tmp_path: Path,
+) -> None:
+    """The feed's start is fixed when the request is answered: a run that starts and ends before
+    the stream's task gets going (as under load) still reaches the client."""
+    from server.api.events import stream_feed
+    from server.braid import open_braid
+    from server.config import Settings
+
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'braid.db'}")
+    async with open_braid(settings) as braid:
+        await braid.store.put_graph("tail", {"name": "tail", **GRAPHS["tail"]}, None, 1)
+        response = await stream_feed(braid)  # the request came; its stream has not run yet
+        run, _ = await braid.runs.start("tail", {})
+        assert (await braid.runs.wait(run.id, 10)).status == "succeeded"
+
+        body = bytearray()
+        finished = anyio.Event()
+        disconnect = anyio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            body.extend(message.get("body", b""))
+            if b"workflow.finished" in body:
+                finished.set()
+
+        scope = {"type": "http", "method": "GET", "path": "/events", "headers": []}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(response, scope, receive, send)
+            with anyio.fail_after(5):
+                await finished.wait()
+            disconnect.set()
+        text = body.decode()
+        assert f'"run_id":"{run.id}"' in text
+        assert [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("event:")] == [
+            "workflow.started",
+            "node.started",
+            "node.completed",
+            "workflow.finished",
+        ]

@@ -294,9 +294,10 @@ async def feed_tail(store: Store, top: int, count: int, graph: str | None, delta
 
 
 async def _produce_feed(
-    braid: Braid, after: int | None, replay: int, graph: str | None, deltas: bool, out: Frames
+    braid: Braid, after: int, replay: int, graph: str | None, deltas: bool, out: Frames
 ) -> None:
-    """Send every matching event after the cursor, then the live ones, forever."""
+    """Send the last ``replay`` matching events up to ``after``, then every one after it, then
+    the live ones, forever."""
     store = braid.store
     floor = 0  # every event at or below it is already with the client
     seen: set[int] = set()
@@ -339,13 +340,10 @@ async def _produce_feed(
         async with braid.bus.subscribe(None) as subscription:
             if not started:
                 started = True
-                if after is None:
-                    floor = await last_gid(store)
-                    if replay > 0:
-                        for event in await feed_tail(store, floor, replay, graph, deltas):
-                            await _send(out, _feed_frame(event))
-                else:
-                    floor = after
+                floor = after
+                if replay > 0:
+                    for event in await feed_tail(store, after, replay, graph, deltas):
+                        await _send(out, _feed_frame(event))
             await catch_up()
             try:
                 while True:
@@ -358,13 +356,22 @@ async def _produce_feed(
     log.warning("the event bus keeps dropping the event feed; ending it (clients resume by id)")
 
 
-def stream_feed(
+async def stream_feed(
     braid: Braid, after: int | None = None, *, replay: int = 0, graph: str | None = None, deltas: bool = False
 ) -> EventSourceResponse:
-    """The SSE feed of every run's events (lifecycle only unless ``deltas``), ids being global."""
+    """The SSE feed of every run's events (lifecycle only unless ``deltas``), ids being global.
+
+    Without a cursor the feed starts after the last event stored when the request came, read
+    before the response opens: a client that sees the stream open and then starts runs gets all
+    of their events. (Read once the stream ran, under load seconds later, it skipped every event
+    stored in between.) ``replay`` counts back from there."""
+    start = after
+    if start is None:
+        start = await last_gid(braid.store)
+    tail = replay if after is None else 0
 
     async def produce(out: Frames) -> None:
-        await _produce_feed(braid, after, replay, graph, deltas, out)
+        await _produce_feed(braid, start, tail, graph, deltas, out)
 
     return _sse(produce)
 
@@ -435,7 +442,7 @@ async def feed(
     cursor = _after(after, last_event_id)
     last_n = _cursor("replay", replay) or 0
     with_deltas = query_bool(deltas, "deltas")
-    return stream_feed(braid, cursor, replay=min(last_n, 10_000), graph=graph, deltas=with_deltas)
+    return await stream_feed(braid, cursor, replay=min(last_n, 10_000), graph=graph, deltas=with_deltas)
 
 
 @get("/debug/subscribers", include_in_schema=False)

@@ -544,18 +544,21 @@ async def test_timestamps_round_trip_as_aware_utc(store: SqlStore) -> None:
     assert (event.at, event.at.utcoffset()) == (tokyo, timedelta(0))
 
 
-async def test_sqlite_point_reads_fall_back_to_a_reader_thread_when_sqlite_is_busy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """A store on a SQLite file, for what only SQLite does."""
     store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'braid.db'}")
     await store.start()
     try:
-        await _point_reads_fall_back(store, monkeypatch)
+        yield store
     finally:
         await store.close()
 
 
-async def _point_reads_fall_back(store: SqlStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sqlite_point_reads_fall_back_to_a_reader_thread_when_sqlite_is_busy(
+    sqlite_store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sqlite_store
     run, _ = await store.create_run("brief", 1, {"topic": "x", "n": [1, 2]}, "key-1")
     await store.record(
         Event(run_id=run.id, seq=1, type=EventType.WORKFLOW_STARTED, graph="brief", at=T0),
@@ -581,6 +584,40 @@ async def _point_reads_fall_back(store: SqlStore, monkeypatch: pytest.MonkeyPatc
     assert (await store.get_graph("brief")).version == 1
     with pytest.raises(NotFound):
         await store.get_run("missing")
+
+
+async def test_an_in_memory_sqlite_store_keeps_runs_and_events() -> None:
+    """``:memory:`` has no writer thread nor point reads: its runs and events go through the
+    SQLAlchemy statements."""
+    store = SqlStore("sqlite+aiosqlite:///:memory:")
+    await store.start()
+    try:
+        await store.create_graph("brief", SPEC, None, 1)
+        run, _ = await store.create_run("brief", 1, {"topic": "x"})
+        await record_a_run(store, run.id)
+        end = T0 + timedelta(seconds=9)
+        await store.record(
+            Event(run_id=run.id, seq=10, type=EventType.WORKFLOW_FINISHED, graph="brief", at=end),
+            RunUpdate(status=RunStatus.SUCCEEDED, at=end, output={"text": "x"}),
+        )
+        done = await store.get_run(run.id)
+        assert (done.status, done.output, done.started_at, done.finished_at, done.last_seq) == (
+            RunStatus.SUCCEEDED,
+            {"text": "x"},
+            T0,
+            end,
+            10,
+        )
+        events = await store.events(run.id)
+        assert [e.seq for e in events] == list(range(1, 11))
+        assert [e.gid for e in events] == sorted(e.gid or 0 for e in events)
+        assert [(n.node, n.index, n.status) for n in await store.node_executions(run.id)][:3] == [
+            ("a", None, NodeStatus.SUCCEEDED),
+            ("a", 0, NodeStatus.SUCCEEDED),
+            ("b", None, NodeStatus.SKIPPED),
+        ]
+    finally:
+        await store.close()
 
 
 async def test_reopened_store_sees_everything(open_store: Opener) -> None:

@@ -43,7 +43,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import select as sa_select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
@@ -241,7 +240,9 @@ class _SqliteBatches:
                 self._execute(
                     cursor, self.event_sql, self._row(row, self.EVENT_COLUMNS, self.event_processors)
                 )
-                gids.append(int(cursor.lastrowid or 0))
+                gid = cursor.lastrowid
+                assert gid is not None  # set by every INSERT
+                gids.append(gid)
             if writes.nodes:
                 rows = [self._row(n, self.node_columns, self.node_processors) for n in writes.nodes]
                 self._execute(cursor, self.node_sql, rows, many=True)
@@ -433,10 +434,11 @@ class SqlStore:
         self._creations = GroupCommit[_NewRun](self._insert_runs, batch_size)
         # SQLite has one writer at a time; taking turns in-process avoids "database is locked".
         self._sqlite_lock = anyio.Lock(fast_acquire=True)
-        # The statements of ``record``, built once (building an upsert costs more than running it).
-        self._feed_lock = select(func.pg_advisory_xact_lock(FEED_LOCK))
+        # The statements of ``record`` and new runs on an in-memory SQLite database (a file has its
+        # writer thread, Postgres its own SQL), built once: building an upsert costs more than
+        # running it.
         self._insert_events = EVENTS.insert().returning(EVENTS.c.gid, sort_by_parameter_order=True)
-        upsert = (sqlite_insert if self._sqlite else pg_insert)(NODES)
+        upsert = sqlite_insert(NODES)
         self._upsert_nodes = upsert.on_conflict_do_update(
             index_elements=["run_id", "node", "iteration", "idx"],
             set_={name: upsert.excluded[name] for name in NODE_COLUMNS},
@@ -685,8 +687,9 @@ class SqlStore:
                 [r["idempotency_key"] for r in runs],
             )
             await self._autocommitted(lambda conn: conn.exec_driver_sql(PG_INSERT_RUNS, parameters))
-        else:
-            await self._write_one(self._insert_run, runs)
+        else:  # an in-memory SQLite database
+            async with self._sqlite_lock, self._engine.begin() as conn:
+                await conn.execute(self._insert_run, runs)
 
     async def get_run(self, run_id: str) -> RunRecord:
         def read(conn: Connection) -> RunRecord | None:
@@ -818,11 +821,8 @@ class SqlStore:
                 gids = await self._batches.commit(writes)
         elif not self._sqlite:
             gids = await self._commit_postgres(writes, last_seq, run_params)
-        else:
-            lock: AbstractAsyncContextManager[Any] = self._sqlite_lock if self._sqlite else nullcontext()
-            async with lock, self._engine.begin() as conn:
-                if not self._sqlite:
-                    await conn.execute(self._feed_lock)
+        else:  # an in-memory SQLite database
+            async with self._sqlite_lock, self._engine.begin() as conn:
                 gids = [int(gid) for gid in (await conn.execute(self._insert_events, events)).scalars()]
                 if writes.nodes:
                     await conn.execute(self._upsert_nodes, writes.nodes)
@@ -985,24 +985,6 @@ class SqlStore:
                     raise
                 log.info("a pooled database connection was dead (%s); trying on a new one", exc.orig)
         raise AssertionError("unreachable")
-
-    async def _write_one(self, statement: Any, parameters: dict[str, Any] | list[dict[str, Any]]) -> None:
-        """One statement (run for each of a list of parameter sets) in a transaction of its own."""
-        writer = self._writer
-        if writer is not None:
-
-            def in_thread() -> None:
-                with writer.begin() as conn:
-                    conn.execute(statement, parameters)
-
-            async with self._sqlite_lock:
-                await anyio.to_thread.run_sync(in_thread, limiter=self._writer_thread)
-            return
-        if self._sqlite:
-            async with self._sqlite_lock, self._engine.begin() as conn:
-                await conn.execute(statement, parameters)
-            return
-        await self._autocommitted(lambda conn: conn.execute(statement, parameters))
 
 
 def _conflict(item: _Pending, exc: Exception) -> Exception:

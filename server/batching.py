@@ -9,6 +9,7 @@ writes before leaving. The store's event recording and the Redis bus's publishin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -50,6 +51,9 @@ class GroupCommit(Generic[P]):
         self.batch_size = batch_size
         self._write = write
         self._writing = False
+        # How long the event loop took to come back to the writer at its first checkpoint, in
+        # seconds: near nothing when the loop has nothing else to do, more the busier it is.
+        self.lap = 0.0
 
     async def submit(self, item: P) -> None:
         """Queue ``item`` and return once it is written; raise its error if it failed."""
@@ -79,7 +83,9 @@ class GroupCommit(Generic[P]):
         try:
             with anyio.CancelScope(shield=True):
                 # Let callers that are ready to submit join this first batch.
+                began = time.perf_counter()
                 await anyio.lowlevel.checkpoint()
+                self.lap = time.perf_counter() - began
                 while self.queue:
                     batch = self.queue[: self.batch_size]
                     del self.queue[: self.batch_size]

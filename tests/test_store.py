@@ -586,6 +586,81 @@ async def test_sqlite_point_reads_fall_back_to_a_reader_thread_when_sqlite_is_bu
         await store.get_run("missing")
 
 
+async def test_sqlite_writes_wait_for_another_writer_without_stalling_the_event_loop(
+    sqlite_store: SqlStore, tmp_path: Path
+) -> None:
+    """Small batches are written on the event loop; when another process holds SQLite's write
+    lock, the batch waits for it in the writer thread, and the loop goes on meanwhile."""
+    store = sqlite_store
+    run, _ = await store.create_run("brief", 1, None)
+    other = sqlite3.connect(tmp_path / "braid.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    recorded = anyio.Event()
+    longest_stall = 0.0
+
+    async def record() -> None:
+        await store.record(
+            Event(run_id=run.id, seq=1, type=EventType.WORKFLOW_STARTED, graph="brief", at=T0),
+            RunUpdate(status=RunStatus.RUNNING, at=T0),
+        )
+        recorded.set()
+
+    async def tick_until_recorded() -> None:
+        nonlocal longest_stall
+        last = anyio.current_time()
+        while not recorded.is_set():
+            await anyio.sleep(0.005)
+            now = anyio.current_time()
+            longest_stall = max(longest_stall, now - last)
+            last = now
+
+    try:
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(record)
+                tg.start_soon(tick_until_recorded)
+                for _ in range(40):  # 0.2 s or more of the loop going round, the lock still held
+                    await anyio.sleep(0.005)
+                    assert not recorded.is_set(), "written while another connection held the write lock"
+                other.execute("COMMIT")
+                await recorded.wait()
+    finally:
+        other.close()
+    assert longest_stall < 1.0, f"the event loop stalled {longest_stall:.2f}s waiting for SQLite's lock"
+    assert [e.seq for e in await store.events(run.id)] == [1]
+    after = await store.get_run(run.id)
+    assert (after.status, after.last_seq) == (RunStatus.RUNNING, 1)
+
+
+async def test_sqlite_batches_written_on_the_event_loop_are_checkpointed(
+    sqlite_store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop's connection never checkpoints the WAL itself (that fsyncs): the writer
+    thread does, every few commits, so what is written reaches the database file."""
+    monkeypatch.setattr("server.store.sql.INLINE_CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr("server.store.sql.INLINE_LAP", 1.0)  # the loop counts as idle however slow
+    store = sqlite_store
+    run, _ = await store.create_run("brief", 1, None)
+    for seq in range(1, 11):  # one at a time: each on the loop
+        await store.record(node_event(run.id, seq, EventType.NODE_STARTED, f"n{seq}"))
+
+    def events_in_the_database_file() -> int:
+        copy = tmp_path / "copy.db"  # the main file alone, as of the last checkpoint
+        copy.write_bytes((tmp_path / "braid.db").read_bytes())
+        conn = sqlite3.connect(copy)
+        try:
+            return conn.execute("SELECT count(*) FROM events WHERE run_id = ?", (run.id,)).fetchone()[0]
+        except sqlite3.DatabaseError:
+            return -1  # copied while a checkpoint was writing it
+        finally:
+            conn.close()
+
+    with anyio.fail_after(10):
+        while events_in_the_database_file() < 5:  # noqa: ASYNC110 (a thread checkpoints: polled)
+            await anyio.sleep(0.02)
+    assert [e.seq for e in await store.events(run.id)] == list(range(1, 11))
+
+
 async def test_an_in_memory_sqlite_store_keeps_runs_and_events() -> None:
     """``:memory:`` has no writer thread nor point reads: its runs and events go through the
     SQLAlchemy statements."""

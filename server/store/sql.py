@@ -100,6 +100,17 @@ engine's 5 + 5, three Braid processes stay within Postgres's default of 100 conn
 
 READER_THREADS = 4
 """SQLite reads run on synchronous connections in up to this many threads at once."""
+INLINE_ROWS = 64
+INLINE_LAP = 0.0002
+"""A SQLite batch of up to ``INLINE_ROWS`` events (or new runs) is written on the event loop's
+own thread when the loop is otherwise idle (its writer came back from one trip round the loop
+within ``INLINE_LAP`` seconds): written there it takes tens of microseconds, while the trip to
+the writer thread and back costs a hundred or more (several hundred on a virtual machine whose
+other core sleeps). A busy loop has other work to do meanwhile: its batches go to the writer
+thread, where SQLite's own work runs beside the loop."""
+INLINE_CHECKPOINT_EVERY = 128
+"""Commits written on the event loop between two WAL checkpoints (done in the writer thread):
+the loop's connection never checkpoints itself, which would fsync on the event loop."""
 
 T = TypeVar("T")
 
@@ -186,24 +197,75 @@ class _SqliteBatches:
         )
         self.run_updates: dict[frozenset[str], tuple[str, tuple[str, ...], list[Any]]] = {}
         self.thread: ThreadPoolExecutor | None = None
+        # The event loop's connection, for small batches (``INLINE_ROWS``): it never waits for a
+        # lock (another process writing: the batch goes to the writer thread, which waits) and
+        # never checkpoints (``checkpoint`` does, in the writer thread).
+        self.inline: Connection | None = None
+        self.inline_commits = 0
+        self.checkpointing = False
 
     def processors(self, table: Any, names: tuple[str, ...]) -> list[Callable[[Any], Any] | None]:
         """The bind processors SQLAlchemy applies to ``names`` of ``table``."""
         dialect = self.engine.dialect
         return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
 
-    async def commit(self, writes: _Writes) -> list[int]:
-        """Write one batch in one transaction (in the writer thread): the events' ``gid``s."""
-        return await self._in_thread(self.write, writes)
+    async def commit(self, writes: _Writes, *, idle: bool) -> list[int]:
+        """Write one batch in one transaction: the events' ``gid``s."""
+        return await self._written(self.write, writes, idle and len(writes.events) <= INLINE_ROWS)
 
-    async def insert_runs(self, runs: list[dict[str, Any]]) -> None:
-        """Insert new runs in one transaction (in the writer thread)."""
-        await self._in_thread(self.write_runs, runs)
+    async def insert_runs(self, runs: list[dict[str, Any]], *, idle: bool) -> None:
+        """Insert new runs in one transaction."""
+        await self._written(self.write_runs, runs, idle and len(runs) <= INLINE_ROWS)
 
-    async def _in_thread(self, write: Callable[[Any], T], argument: Any) -> T:
+    async def _written(self, write: Callable[[sqlite3.Cursor, Any], T], argument: Any, inline: bool) -> T:
+        """``write`` in a transaction of its own: with ``inline`` on the event loop if SQLite's
+        write lock is free, else in the writer thread."""
+        if inline:
+            try:
+                result = self._transaction(write, argument, inline=True)
+            except DBAPIError as exc:
+                if not _busy(exc):
+                    raise
+                log.debug("SQLite is busy (%s); writing through the writer thread", exc.orig)
+            else:
+                self.inline_commits += 1
+                if self.inline_commits >= INLINE_CHECKPOINT_EVERY and not self.checkpointing:
+                    self._checkpoint_soon()
+                return result
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread(), self._transaction, write, argument
+        )
+
+    def _thread(self) -> ThreadPoolExecutor:
         if self.thread is None:
             self.thread = ThreadPoolExecutor(1, thread_name_prefix="braid-sqlite-writer")
-        return await asyncio.get_running_loop().run_in_executor(self.thread, write, argument)
+        return self.thread
+
+    def _checkpoint_soon(self) -> None:
+        """Checkpoint the WAL in the writer thread (``PASSIVE``: writers go on meanwhile)."""
+        self.checkpointing = True
+        self.inline_commits = 0
+
+        def checkpoint() -> None:
+            conn = self.conn
+            if conn is None:
+                conn = self.conn = self.engine.connect()
+            try:
+                dbapi = conn.connection.dbapi_connection
+                assert dbapi is not None
+                dbapi.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except BaseException:
+                self.conn = None
+                conn.close()
+                raise
+
+        def done(future: asyncio.Future[None]) -> None:
+            self.checkpointing = False
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("WAL checkpoint failed: %s", future.exception())
+
+        future = asyncio.get_running_loop().run_in_executor(self._thread(), checkpoint)
+        future.add_done_callback(done)
 
     def _run_update(
         self, columns: frozenset[str]
@@ -220,59 +282,72 @@ class _SqliteBatches:
             built = self.run_updates[columns] = (sql, names, self.processors(RUNS, names))
         return built
 
-    def write_runs(self, runs: list[dict[str, Any]]) -> None:
+    def write_runs(self, cursor: sqlite3.Cursor, runs: list[dict[str, Any]]) -> None:
         # A column a run leaves out (``started_at`` of a new run) is NULL, as in SQLAlchemy's insert.
         rows = [
             self._row({**self.no_run_values, **run}, self.run_columns, self.run_processors) for run in runs
         ]
-        self._transaction(lambda cursor: self._execute(cursor, self.run_sql, rows, many=True))
+        self._execute(cursor, self.run_sql, rows, many=True)
 
     async def aclose(self) -> None:
         thread, self.thread = self.thread, None
         if thread is not None:
             await asyncio.get_running_loop().run_in_executor(thread, self.close)
             thread.shutdown(wait=False)
+        else:
+            self.close()
 
-    def write(self, writes: _Writes) -> list[int]:
-        def write(cursor: sqlite3.Cursor) -> list[int]:
-            gids: list[int] = []
-            for row in writes.events:
-                self._execute(
-                    cursor, self.event_sql, self._row(row, self.EVENT_COLUMNS, self.event_processors)
-                )
-                gid = cursor.lastrowid
-                assert gid is not None  # set by every INSERT
-                gids.append(gid)
-            if writes.nodes:
-                rows = [self._row(n, self.node_columns, self.node_processors) for n in writes.nodes]
-                self._execute(cursor, self.node_sql, rows, many=True)
-            if writes.seq_only:
-                rows = [(r["b_seq"], r["b_id"]) for r in writes.seq_only]
-                self._execute(cursor, self.seq_sql, rows, many=True)
-            for run_id, values in writes.runs:
-                sql, names, processors = self._run_update(frozenset(values))
-                self._execute(cursor, sql, [*self._row(values, names, processors), run_id])
-            return gids
+    def write(self, cursor: sqlite3.Cursor, writes: _Writes) -> list[int]:
+        gids: list[int] = []
+        for row in writes.events:
+            self._execute(cursor, self.event_sql, self._row(row, self.EVENT_COLUMNS, self.event_processors))
+            gid = cursor.lastrowid
+            assert gid is not None  # set by every INSERT
+            gids.append(gid)
+        if writes.nodes:
+            rows = [self._row(n, self.node_columns, self.node_processors) for n in writes.nodes]
+            self._execute(cursor, self.node_sql, rows, many=True)
+        if writes.seq_only:
+            rows = [(r["b_seq"], r["b_id"]) for r in writes.seq_only]
+            self._execute(cursor, self.seq_sql, rows, many=True)
+        for run_id, values in writes.runs:
+            sql, names, processors = self._run_update(frozenset(values))
+            self._execute(cursor, sql, [*self._row(values, names, processors), run_id])
+        return gids
 
-        return self._transaction(write)
-
-    def _transaction(self, write: Callable[[sqlite3.Cursor], T]) -> T:
-        """``write`` with a cursor of the writer's connection, in one transaction."""
-        conn = self.conn
+    def _transaction(
+        self, write: Callable[[sqlite3.Cursor, Any], T], argument: Any, *, inline: bool = False
+    ) -> T:
+        """``write(cursor, argument)`` with a cursor of the writer thread's connection (or, with
+        ``inline``, the event loop's), in one transaction."""
+        conn = self.inline if inline else self.conn
         if conn is None:
-            conn = self.conn = self.engine.connect()
+            conn = self.engine.connect()
+            if inline:
+                dbapi = conn.connection.dbapi_connection
+                assert dbapi is not None
+                dbapi.execute("PRAGMA busy_timeout=0")
+                dbapi.execute("PRAGMA wal_autocheckpoint=0")
+                self.inline = conn
+            else:
+                self.conn = conn
         try:
             with conn.begin():
                 dbapi = conn.connection.dbapi_connection
                 assert dbapi is not None
                 cursor = cast(sqlite3.Cursor, dbapi.cursor())
                 try:
-                    return write(cursor)
+                    return write(cursor, argument)
                 finally:
                     cursor.close()
         except BaseException:
-            # A fresh connection for the next batch, whatever state this one is in.
-            self.conn = None
+            # A fresh connection for the next batch, whatever state this one is in; the event
+            # loop's is dropped rather than pooled, for its settings to stay its own.
+            if inline:
+                self.inline = None
+                conn.invalidate()
+            else:
+                self.conn = None
             conn.close()
             raise
 
@@ -280,6 +355,10 @@ class _SqliteBatches:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+        if self.inline is not None:
+            self.inline.invalidate()
+            self.inline.close()
+            self.inline = None
 
     @staticmethod
     def _row(
@@ -674,7 +753,7 @@ class SqlStore:
     async def _write_runs(self, runs: list[dict[str, Any]]) -> None:
         if self._batches is not None:
             async with self._sqlite_lock:
-                await self._batches.insert_runs(runs)
+                await self._batches.insert_runs(runs, idle=self._creations.lap < INLINE_LAP)
         elif not self._sqlite:
             parameters = (
                 [r["id"] for r in runs],
@@ -818,7 +897,7 @@ class SqlStore:
 
         if self._batches is not None:
             async with self._sqlite_lock:
-                gids = await self._batches.commit(writes)
+                gids = await self._batches.commit(writes, idle=self._records.lap < INLINE_LAP)
         elif not self._sqlite:
             gids = await self._commit_postgres(writes, last_seq, run_params)
         else:  # an in-memory SQLite database
@@ -985,6 +1064,12 @@ class SqlStore:
                     raise
                 log.info("a pooled database connection was dead (%s); trying on a new one", exc.orig)
         raise AssertionError("unreachable")
+
+
+def _busy(exc: DBAPIError) -> bool:
+    """Whether SQLite refused ``exc``'s statement for a lock another connection holds."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _conflict(item: _Pending, exc: Exception) -> Exception:

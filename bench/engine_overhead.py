@@ -1,18 +1,20 @@
 """Engine overhead: µs per no-op node for Braid's engine and LangGraph, same shapes, same process.
 
-    uv run --group bench python -m bench.engine_overhead [--reps 5] [--profile]
+    uv run --group bench python -m bench.engine_overhead [--reps 7] [--profile]
 
 Shapes: a chain of 100 nodes, a 100-way and a 1,000-way fan-out/join (source, branches, join).
 Braid runs with a ``MemoryRecorder`` and with every event durably recorded in SQLite (``SqlStore``
 on a temporary file); LangGraph without a checkpointer and with ``InMemorySaver``. Graph parsing
 and compiling are outside the timing; each figure is the median of ``--reps`` runs after one
-warm-up run. ``--profile`` prints cProfile's top functions of Braid in memory on the 1,000 fan-out.
+warm-up run, the four engines taking turns run by run (see ``timed``). ``--profile`` prints
+cProfile's top functions of Braid in memory on the 1,000 fan-out.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import itertools
 import operator
@@ -127,15 +129,21 @@ async def langgraph_run(app: Any, expected: int) -> None:
 # --- measuring -----------------------------------------------------------------------------------
 
 
-async def timed(run: Callable[[], Awaitable[None]], reps: int) -> float:
-    """The median wall time of ``reps`` runs after one warm-up run, in seconds."""
-    await run()
-    times: list[float] = []
-    for _ in range(reps):
-        began = time.perf_counter()
+async def timed(runs: dict[str, Callable[[], Awaitable[None]]], reps: int) -> dict[str, float]:
+    """The median wall time of ``reps`` runs of each of ``runs``, in seconds, after one warm-up
+    run each. The runs take turns (one of each, then again), so a slower spell of the machine
+    falls on every engine alike; before each timed run, for every engine alike, the previous
+    run's garbage is collected."""
+    for run in runs.values():
         await run()
-        times.append(time.perf_counter() - began)
-    return median(times)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            gc.collect()
+            began = time.perf_counter()
+            await run()
+            times[name].append(time.perf_counter() - began)
+    return {name: median(values) for name, values in times.items()}
 
 
 async def measure(reps: int) -> dict[str, Any]:
@@ -143,6 +151,10 @@ async def measure(reps: int) -> dict[str, Any]:
 
     reg = registry()
     results: dict[str, Any] = {}
+    # As `braid serve` and `braid worker` do at start (server/cli.py): what start-up made is
+    # frozen out of the collector's reach.
+    gc.collect()
+    gc.freeze()
     with tempfile.TemporaryDirectory(prefix="braid-bench-") as folder:
         sqlite = SqliteRuns(Path(folder))
         await sqlite.store.start()
@@ -153,12 +165,15 @@ async def measure(reps: int) -> dict[str, Any]:
                 plain = langgraph_app(shape, size)
                 saved = langgraph_app(shape, size, InMemorySaver())
                 n_reps = reps if size < 1000 else max(1, reps - 2)
-                seconds = {
-                    "braid_memory": await timed(lambda g=graph: braid_memory(g), n_reps),
-                    "braid_sqlite": await timed(lambda g=graph: sqlite.run(g), n_reps),
-                    "langgraph": await timed(lambda a=plain, n=nodes: langgraph_run(a, n), n_reps),
-                    "langgraph_saver": await timed(lambda a=saved, n=nodes: langgraph_run(a, n), n_reps),
-                }
+                seconds = await timed(
+                    {
+                        "braid_memory": lambda g=graph: braid_memory(g),
+                        "braid_sqlite": lambda g=graph: sqlite.run(g),
+                        "langgraph": lambda a=plain, n=nodes: langgraph_run(a, n),
+                        "langgraph_saver": lambda a=saved, n=nodes: langgraph_run(a, n),
+                    },
+                    n_reps,
+                )
                 results[label] = {
                     "nodes": nodes,
                     "reps": n_reps,
@@ -219,7 +234,7 @@ def profile(top: int = 25) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_overhead", description=__doc__)
-    parser.add_argument("--reps", type=int, default=5, help="timed runs per figure (median)")
+    parser.add_argument("--reps", type=int, default=7, help="timed runs per figure (median)")
     parser.add_argument("--profile", action="store_true", help="cProfile Braid on the 1,000 fan-out")
     args = parser.parse_args(argv)
     results = anyio.run(measure, args.reps)

@@ -46,14 +46,17 @@ class GroupCommit(Generic[P]):
     without an error of its own fails with that exception. ``queue`` holds the items not taken
     yet (``write`` may fail and ``finish`` some of them early; finished items are skipped)."""
 
-    def __init__(self, write: Callable[[list[P]], Awaitable[None]], batch_size: int) -> None:
+    def __init__(
+        self, write: Callable[[list[P]], Awaitable[None]], batch_size: int, *, idle_lap: float | None = None
+    ) -> None:
         self.queue: list[P] = []
         self.batch_size = batch_size
         self._write = write
         self._writing = False
-        # How long the event loop took to come back to the writer at its first checkpoint, in
-        # seconds: near nothing when the loop has nothing else to do, more the busier it is.
-        self.lap = 0.0
+        # With ``idle_lap``: whether the event loop had nothing else to do when the writer
+        # started writing (``write`` may then do its work on the loop rather than in a thread).
+        self._idle_lap = idle_lap
+        self.idle = False
 
     async def submit(self, item: P) -> None:
         """Queue ``item`` and return once it is written; raise its error if it failed."""
@@ -85,7 +88,16 @@ class GroupCommit(Generic[P]):
                 # Let callers that are ready to submit join this first batch.
                 began = time.perf_counter()
                 await anyio.lowlevel.checkpoint()
-                self.lap = time.perf_counter() - began
+                if self._idle_lap is not None:
+                    # The loop is idle if it comes back at once. If it took a while, that may
+                    # have been the callers that just joined (they wait for this write now):
+                    # one more trip round the loop tells.
+                    lap = time.perf_counter() - began
+                    if lap > self._idle_lap:
+                        began = time.perf_counter()
+                        await anyio.lowlevel.checkpoint()
+                        lap = time.perf_counter() - began
+                    self.idle = lap <= self._idle_lap
                 while self.queue:
                     batch = self.queue[: self.batch_size]
                     del self.queue[: self.batch_size]

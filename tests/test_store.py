@@ -633,32 +633,36 @@ async def test_sqlite_writes_wait_for_another_writer_without_stalling_the_event_
 
 
 async def test_sqlite_batches_written_on_the_event_loop_are_checkpointed(
-    sqlite_store: SqlStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The event loop's connection never checkpoints the WAL itself (that fsyncs): the writer
     thread does, every few commits, so what is written reaches the database file."""
     monkeypatch.setattr("server.store.sql.INLINE_CHECKPOINT_EVERY", 5)
     monkeypatch.setattr("server.store.sql.INLINE_LAP", 1.0)  # the loop counts as idle however slow
-    store = sqlite_store
-    run, _ = await store.create_run("brief", 1, None)
-    for seq in range(1, 11):  # one at a time: each on the loop
-        await store.record(node_event(run.id, seq, EventType.NODE_STARTED, f"n{seq}"))
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'braid.db'}")
+    await store.start()
+    try:
+        run, _ = await store.create_run("brief", 1, None)
+        for seq in range(1, 11):  # one at a time: each on the loop
+            await store.record(node_event(run.id, seq, EventType.NODE_STARTED, f"n{seq}"))
 
-    def events_in_the_database_file() -> int:
-        copy = tmp_path / "copy.db"  # the main file alone, as of the last checkpoint
-        copy.write_bytes((tmp_path / "braid.db").read_bytes())
-        conn = sqlite3.connect(copy)
-        try:
-            return conn.execute("SELECT count(*) FROM events WHERE run_id = ?", (run.id,)).fetchone()[0]
-        except sqlite3.DatabaseError:
-            return -1  # copied while a checkpoint was writing it
-        finally:
-            conn.close()
+        def events_in_the_database_file() -> int:
+            copy = tmp_path / "copy.db"  # the main file alone, as of the last checkpoint
+            copy.write_bytes((tmp_path / "braid.db").read_bytes())
+            conn = sqlite3.connect(copy)
+            try:
+                return conn.execute("SELECT count(*) FROM events WHERE run_id = ?", (run.id,)).fetchone()[0]
+            except sqlite3.DatabaseError:
+                return -1  # copied while a checkpoint was writing it
+            finally:
+                conn.close()
 
-    with anyio.fail_after(10):
-        while events_in_the_database_file() < 5:  # noqa: ASYNC110 (a thread checkpoints: polled)
-            await anyio.sleep(0.02)
-    assert [e.seq for e in await store.events(run.id)] == list(range(1, 11))
+        with anyio.fail_after(10):
+            while events_in_the_database_file() < 5:  # noqa: ASYNC110 (a thread checkpoints: polled)
+                await anyio.sleep(0.02)
+        assert [e.seq for e in await store.events(run.id)] == list(range(1, 11))
+    finally:
+        await store.close()
 
 
 async def test_an_in_memory_sqlite_store_keeps_runs_and_events() -> None:

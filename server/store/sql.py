@@ -100,13 +100,12 @@ engine's 5 + 5, three Braid processes stay within Postgres's default of 100 conn
 
 READER_THREADS = 4
 """SQLite reads run on synchronous connections in up to this many threads at once."""
-INLINE_ROWS = 64
 INLINE_LAP = 0.0002
-"""A SQLite batch of up to ``INLINE_ROWS`` events (or new runs) is written on the event loop's
-own thread when the loop is otherwise idle (its writer came back from one trip round the loop
-within ``INLINE_LAP`` seconds): written there it takes tens of microseconds, while the trip to
-the writer thread and back costs a hundred or more (several hundred on a virtual machine whose
-other core sleeps). A busy loop has other work to do meanwhile: its batches go to the writer
+"""A SQLite batch is written on the event loop's own thread when the loop is otherwise idle (the
+writer came back from a trip round the loop within ``INLINE_LAP`` seconds, see ``GroupCommit``):
+a small one takes tens of microseconds there, while the trip to the writer thread and back
+costs a hundred or more (several hundred on a virtual machine whose other core sleeps), and the
+loop would only wait. A busy loop has other work to do meanwhile: its batches go to the writer
 thread, where SQLite's own work runs beside the loop."""
 INLINE_CHECKPOINT_EVERY = 128
 """Commits written on the event loop between two WAL checkpoints (done in the writer thread):
@@ -197,7 +196,7 @@ class _SqliteBatches:
         )
         self.run_updates: dict[frozenset[str], tuple[str, tuple[str, ...], list[Any]]] = {}
         self.thread: ThreadPoolExecutor | None = None
-        # The event loop's connection, for small batches (``INLINE_ROWS``): it never waits for a
+        # The event loop's connection, for batches written there (``INLINE_LAP``): it never waits for a
         # lock (another process writing: the batch goes to the writer thread, which waits) and
         # never checkpoints (``checkpoint`` does, in the writer thread).
         self.inline: Connection | None = None
@@ -209,13 +208,13 @@ class _SqliteBatches:
         dialect = self.engine.dialect
         return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
 
-    async def commit(self, writes: _Writes, *, idle: bool) -> list[int]:
+    async def commit(self, writes: _Writes, *, inline: bool) -> list[int]:
         """Write one batch in one transaction: the events' ``gid``s."""
-        return await self._written(self.write, writes, idle and len(writes.events) <= INLINE_ROWS)
+        return await self._written(self.write, writes, inline)
 
-    async def insert_runs(self, runs: list[dict[str, Any]], *, idle: bool) -> None:
+    async def insert_runs(self, runs: list[dict[str, Any]], *, inline: bool) -> None:
         """Insert new runs in one transaction."""
-        await self._written(self.write_runs, runs, idle and len(runs) <= INLINE_ROWS)
+        await self._written(self.write_runs, runs, inline)
 
     async def _written(self, write: Callable[[sqlite3.Cursor, Any], T], argument: Any, inline: bool) -> T:
         """``write`` in a transaction of its own: with ``inline`` on the event loop if SQLite's
@@ -507,10 +506,10 @@ class SqlStore:
         self._graph_writes = 0
         self._sessions = async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
         self._ids = RunIds()
-        self._records = GroupCommit[_Pending](self._write_batch, batch_size)
+        self._records = GroupCommit[_Pending](self._write_batch, batch_size, idle_lap=INLINE_LAP)
         # Runs created at once (a burst of POSTs) share a transaction: on SQLite, one at a time
         # each, they queued for the writer ahead of the events of the runs already going.
-        self._creations = GroupCommit[_NewRun](self._insert_runs, batch_size)
+        self._creations = GroupCommit[_NewRun](self._insert_runs, batch_size, idle_lap=INLINE_LAP)
         # SQLite has one writer at a time; taking turns in-process avoids "database is locked".
         self._sqlite_lock = anyio.Lock(fast_acquire=True)
         # The statements of ``record`` and new runs on an in-memory SQLite database (a file has its
@@ -753,7 +752,7 @@ class SqlStore:
     async def _write_runs(self, runs: list[dict[str, Any]]) -> None:
         if self._batches is not None:
             async with self._sqlite_lock:
-                await self._batches.insert_runs(runs, idle=self._creations.lap < INLINE_LAP)
+                await self._batches.insert_runs(runs, inline=self._creations.idle)
         elif not self._sqlite:
             parameters = (
                 [r["id"] for r in runs],
@@ -897,7 +896,7 @@ class SqlStore:
 
         if self._batches is not None:
             async with self._sqlite_lock:
-                gids = await self._batches.commit(writes, idle=self._records.lap < INLINE_LAP)
+                gids = await self._batches.commit(writes, inline=self._records.idle)
         elif not self._sqlite:
             gids = await self._commit_postgres(writes, last_seq, run_params)
         else:  # an in-memory SQLite database

@@ -482,6 +482,51 @@ async def test_concurrent_records_are_group_committed(open_store: Opener, batch_
     assert len(await store.feed(limit=1000)) == 200
 
 
+async def test_point_reads_made_at_once_each_get_their_own_answer(store: SqlStore) -> None:
+    """Runs by id and graphs' latest versions read at once (on Postgres: in one statement for
+    all the runs and one for all the graphs); a missing one fails only its own caller."""
+    await store.create_graph("brief", SPEC, None, 1)
+    await store.put_graph("brief", SPEC, "second", 1)
+    await store.create_graph("other", {**SPEC, "name": "other"}, None, 1)
+    runs = [(await store.create_run("brief", 1, {"n": i}))[0] for i in range(5)]
+    for name in ("brief", "other"):
+        await store.get_graph(name)  # graph records cached: only the lookups below read
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    engine = store._autocommit.sync_engine  # pyright: ignore[reportPrivateUsage]
+    sa_event.listen(engine, "before_cursor_execute", seen)
+    found: dict[str, Any] = {}
+
+    async def read(key: str, read: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            found[key] = await read()
+        except NotFound:
+            found[key] = "not found"
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for run in runs:
+                tg.start_soon(read, run.id, lambda i=run.id: store.get_run(i))
+            tg.start_soon(read, "missing-run", lambda: store.get_run("missing"))
+            for name in ("brief", "other", "missing"):
+                tg.start_soon(read, f"graph {name}", lambda n=name: store.get_graph(n))
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", seen)
+
+    assert [(found[r.id].id, found[r.id].input) for r in runs] == [
+        (r.id, {"n": i}) for i, r in enumerate(runs)
+    ]
+    assert found["missing-run"] == "not found"
+    assert (found["graph brief"].version, found["graph brief"].description) == (2, "second")
+    assert found["graph other"].version == 1
+    assert found["graph missing"] == "not found"
+    if not store.url.startswith("sqlite"):
+        assert len(statements) == 2, statements
+
+
 async def test_a_failing_event_fails_only_its_caller(store: SqlStore) -> None:
     run, _ = await store.create_run("brief", 1, None)
     outcomes: dict[str, str] = {}

@@ -139,6 +139,14 @@ class _NewRun(Pending):
     values: dict[str, Any]
 
 
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Lookup(Pending):
+    """A point read by key on Postgres; lookups made at once share a statement."""
+
+    key: str
+    found: Any = None
+
+
 @dataclass(slots=True)
 class _Writes:
     """The rows of one batch: events, node upserts, ``last_seq`` updates, other run updates."""
@@ -510,6 +518,17 @@ class SqlStore:
         # Runs created at once (a burst of POSTs) share a transaction: on SQLite, one at a time
         # each, they queued for the writer ahead of the events of the runs already going.
         self._creations = GroupCommit[_NewRun](self._insert_runs, batch_size, idle_lap=INLINE_LAP)
+        # Point reads on Postgres made at once (the runs a worker takes together, the POSTs an
+        # API process answers together) share one statement: a statement costs the event loop
+        # more in SQLAlchemy's and asyncpg's work and its socket writes than in its rows.
+        self._run_lookups = GroupCommit[_Lookup](
+            lambda batch: self._look_up(batch, PG_RUN_BY_ID, PG_RUNS_BY_ID, lambda row: (row.id, _run(row))),
+            batch_size,
+        )
+        self._latest_lookups = GroupCommit[_Lookup](
+            lambda batch: self._look_up(batch, PG_LATEST_VERSION, PG_LATEST_VERSIONS, tuple),
+            batch_size,
+        )
         # SQLite has one writer at a time; taking turns in-process avoids "database is locked".
         self._sqlite_lock = anyio.Lock(fast_acquire=True)
         # The statements of ``record`` and new runs on an in-memory SQLite database (a file has its
@@ -619,13 +638,11 @@ class SqlStore:
         if version is None:
             # The latest version is always read (a version stored by another process a moment ago
             # is the one a run gets); the record of that version may come from memory.
-            async def latest_on_postgres(conn: AsyncConnection) -> int | None:
-                return (await conn.exec_driver_sql(PG_LATEST_VERSION, (name,))).scalar()
-
             latest = await self._point_read(
                 lambda points: points.latest_version(name),
                 lambda conn: _latest_version(conn, name),
-                latest_on_postgres,
+                self._latest_lookups,
+                name,
             )
             if latest is None:
                 raise NotFound(f"graph {name!r} not found")
@@ -774,11 +791,7 @@ class SqlStore:
             row = conn.execute(RUN_BY_ID, {"run_id": run_id}).first()
             return None if row is None else _run(row)
 
-        async def read_on_postgres(conn: AsyncConnection) -> RunRecord | None:
-            row = (await conn.exec_driver_sql(PG_RUN_BY_ID, (run_id,))).first()
-            return None if row is None else _run(row)
-
-        run = await self._point_read(lambda points: points.run(run_id), read, read_on_postgres)
+        run = await self._point_read(lambda points: points.run(run_id), read, self._run_lookups, run_id)
         if run is None:
             raise NotFound(f"run {run_id!r} not found")
         return run
@@ -1018,14 +1031,15 @@ class SqlStore:
         self,
         quick: Callable[[_SqlitePointReads], T],
         read: Callable[[Connection], T],
-        postgres: Callable[[AsyncConnection], Awaitable[T]],
+        lookups: GroupCommit[_Lookup],
+        key: str,
     ) -> T:
-        """A read by key: ``quick`` on SQLite's point-read connection, ``postgres`` (one statement
-        in SQL of its own: no statement compiled and no rows processed by SQLAlchemy, asyncpg's
-        codecs give the values as they are stored) on Postgres, else (or when SQLite is busy)
-        ``read``."""
+        """A read by key: ``quick`` on SQLite's point-read connection, on Postgres a lookup of
+        ``key`` in ``lookups`` (see ``_look_up``), else (or when SQLite is busy) ``read``."""
         if not self._sqlite:
-            return await self._autocommitted(postgres)
+            lookup = _Lookup(key=key)
+            await lookups.submit(lookup)
+            return lookup.found
         points = self._points
         if points is not None:
             try:
@@ -1034,6 +1048,24 @@ class SqlStore:
                 points.close()  # opened again for the next read, whatever state it was in
                 log.debug("point read failed (%s); reading through a reader thread", exc)
         return await self._read(read)
+
+    async def _look_up(
+        self, batch: list[_Lookup], one: str, many: str, pair: Callable[[Any], tuple[str, Any]]
+    ) -> None:
+        """Set ``found`` of each lookup of ``batch``: one statement of SQL of its own (no
+        statement compiled and no rows processed by SQLAlchemy, asyncpg's codecs give the values
+        as they are stored), ``one`` for a key, ``many`` for several; ``pair`` makes a row into
+        its key and what is found. A key without a row finds None."""
+        keys = list(dict.fromkeys(lookup.key for lookup in batch))
+
+        async def read(conn: AsyncConnection) -> Any:
+            if len(keys) == 1:
+                return (await conn.exec_driver_sql(one, (keys[0],))).all()
+            return (await conn.exec_driver_sql(many, (keys,))).all()
+
+        found = dict(pair(row) for row in await self._autocommitted(read))
+        for lookup in batch:
+            lookup.found = found.get(lookup.key)
 
     async def _read(self, read: Callable[[Connection], T]) -> T:
         """``read`` on a read connection: a synchronous SQLite connection in a reader thread, or
@@ -1110,8 +1142,14 @@ FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::times
 """
 """New runs on Postgres, in one statement of plain SQL (as ``create_run`` builds them: queued, no
 output, ``last_seq`` 0; JSON as text, ``'null'`` for None as SQLAlchemy's JSON type stores it)."""
-PG_LATEST_VERSION = f"SELECT max(version) FROM {GRAPHS.name} WHERE name = $1"
+PG_LATEST_VERSION = f"SELECT name, max(version) FROM {GRAPHS.name} WHERE name = $1 GROUP BY name"
+PG_LATEST_VERSIONS = (
+    f"SELECT name, max(version) FROM {GRAPHS.name} WHERE name = ANY($1::varchar[]) GROUP BY name"
+)
 PG_RUN_BY_ID = f"SELECT {', '.join(c.name for c in RUNS.columns)} FROM {RUNS.name} WHERE id = $1"
+PG_RUNS_BY_ID = (
+    f"SELECT {', '.join(c.name for c in RUNS.columns)} FROM {RUNS.name} WHERE id = ANY($1::varchar[])"
+)
 
 
 def _latest_version(conn: Connection, name: str) -> int | None:

@@ -13,14 +13,15 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy import event as sa_event
 
 from server.engine.records import NodeExecution, RunUpdate
 from server.errors import Conflict, NotFound, SetupError
 from server.events import Event
 from server.status import EventType, NodeStatus, RunStatus
-from server.store.models import SCHEMA_VERSION
-from server.store.sql import SqlStore
+from server.store.models import EVENTS, NODES, RUNS, SCHEMA_VERSION, UTCDateTime
+from server.store.sql import SqlStore, _dumps, _SqliteBatches  # pyright: ignore[reportPrivateUsage]
 from tests.services import require_postgres
 
 pytestmark = pytest.mark.anyio
@@ -708,6 +709,36 @@ async def test_sqlite_batches_written_on_the_event_loop_are_checkpointed(
         assert [e.seq for e in await store.events(run.id)] == list(range(1, 11))
     finally:
         await store.close()
+
+
+def test_sqlite_rows_hold_what_sqlalchemy_would_bind() -> None:
+    """The writer's own timestamp and JSON conversions give SQLAlchemy's text, value for value."""
+    engine = create_engine("sqlite+pysqlite://", json_serializer=_dumps)
+    batches = _SqliteBatches(engine)
+    dialect = engine.dialect
+    tokyo = timezone(timedelta(hours=9))
+    times = [
+        None,
+        datetime(2025, 1, 2, 3, 4, 5, 123456),
+        datetime(2025, 1, 2, 3, 4, 5),
+        datetime(999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+        datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=tokyo),
+    ]
+    documents = [None, {"a": [1, "é", None], "b": {"c": 1.5}}, [], "text", 3, 1.5, True, {}]
+    tables = ((EVENTS, batches.EVENT_COLUMNS), (NODES, batches.node_columns), (RUNS, batches.run_columns))
+    checked = 0
+    for table, names in tables:
+        ours = batches.processors(table, names)
+        for name, mine in zip(names, ours, strict=True):
+            theirs = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            if mine is theirs:
+                continue
+            assert mine is not None, name
+            assert theirs is not None, name
+            samples = times if isinstance(table.c[name].type, UTCDateTime) else documents
+            assert [mine(v) for v in samples] == [theirs(v) for v in samples], f"{table.name}.{name}"
+            checked += 1
+    assert checked >= 8  # at, data; output, usage, started_at, finished_at; runs' times and JSON
 
 
 async def test_an_in_memory_sqlite_store_keeps_runs_and_events() -> None:

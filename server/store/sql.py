@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import anyio.to_thread
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
     Row,
@@ -70,6 +71,7 @@ from server.store.models import (
     GraphRow,
     NodeRow,
     RunRow,
+    UTCDateTime,
 )
 
 log = logging.getLogger("braid.store")
@@ -165,6 +167,16 @@ def _dumps(value: Any) -> str:
     return _JSON.encode(value)
 
 
+def _sqlite_timestamp(value: datetime | None) -> str | None:
+    """A timestamp as ``UTCDateTime`` stores it on SQLite: UTC (a naive one taken to be UTC),
+    as SQLite's ``DATETIME`` text, ``YYYY-MM-DD HH:MM:SS.ffffff``."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(" ", "microseconds")
+
+
 class _SqliteBatches:
     """Writes ``record`` batches on SQLite in a thread of its own: one connection kept open, rows
     written through its DB-API cursor with statements prepared once. SQLAlchemy's work per
@@ -212,9 +224,18 @@ class _SqliteBatches:
         self.checkpointing = False
 
     def processors(self, table: Any, names: tuple[str, ...]) -> list[Callable[[Any], Any] | None]:
-        """The bind processors SQLAlchemy applies to ``names`` of ``table``."""
+        """What SQLAlchemy's bind processors make of the values of ``names`` of ``table``: its own
+        processors, but for timestamps and JSON values the same text made at a fraction of the
+        cost (a row went through them in about 11 µs: a tenth of a node's durable cost)."""
         dialect = self.engine.dialect
-        return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+        return [
+            _sqlite_timestamp
+            if isinstance(table.c[name].type, UTCDateTime)
+            else _dumps
+            if isinstance(table.c[name].type, JSON) and not table.c[name].type.none_as_null
+            else table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in names
+        ]
 
     async def commit(self, writes: _Writes, *, inline: bool) -> list[int]:
         """Write one batch in one transaction: the events' ``gid``s."""
@@ -371,11 +392,10 @@ class _SqliteBatches:
     def _row(
         values: dict[str, Any], names: tuple[str, ...], processors: list[Callable[[Any], Any] | None]
     ) -> list[Any]:
-        row = [values[name] for name in names]
-        for i, process in enumerate(processors):
-            if process is not None:
-                row[i] = process(row[i])
-        return row
+        return [
+            values[name] if process is None else process(values[name])
+            for name, process in zip(names, processors, strict=True)
+        ]
 
     @staticmethod
     def _execute(cursor: Any, sql: str, params: Any, *, many: bool = False) -> None:

@@ -20,6 +20,7 @@ from server.engine.records import NodeExecution, RunUpdate
 from server.errors import Conflict, NotFound, SetupError
 from server.events import Event
 from server.status import EventType, NodeStatus, RunStatus
+from server.store import sql as sql_module
 from server.store.models import EVENTS, NODES, RUNS, SCHEMA_VERSION, UTCDateTime
 from server.store.sql import SqlStore, _dumps, _SqliteBatches  # pyright: ignore[reportPrivateUsage]
 from tests.services import require_postgres
@@ -526,6 +527,78 @@ async def test_point_reads_made_at_once_each_get_their_own_answer(store: SqlStor
     assert found["graph missing"] == "not found"
     if not store.url.startswith("sqlite"):
         assert len(statements) == 2, statements
+
+
+async def test_a_graph_read_by_many_at_once_is_read_once(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of runs of one graph (its record no longer cached) reads the record once; a read
+    after it has ended reads again."""
+    await store.create_graph("brief", SPEC, "first", 1)
+    monkeypatch.setattr("server.store.sql.GRAPH_TTL_SECONDS", 0.0)  # nothing stays cached
+    reads = 0
+    read_graph = sql_module._read_graph  # pyright: ignore[reportPrivateUsage]
+
+    def counted(conn: Any, name: str, version: int | None) -> Any:
+        nonlocal reads
+        reads += 1
+        return read_graph(conn, name, version)
+
+    monkeypatch.setattr("server.store.sql._read_graph", counted)
+    got: list[Any] = []
+
+    async def get() -> None:
+        got.append(await store.get_graph("brief", 1))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(get)
+    assert reads == 1
+    assert [(g.name, g.version, g.description) for g in got] == [("brief", 1, "first")] * 20
+    with pytest.raises(NotFound):
+        await store.get_graph("brief", 2)
+    assert (await store.get_graph("brief", 1)).description == "first"
+    assert reads == 3
+
+
+async def test_a_graph_read_whose_reader_is_cancelled_is_read_again_by_those_waiting(
+    sqlite_store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sqlite_store
+    await store.create_graph("brief", SPEC, "first", 1)
+    monkeypatch.setattr("server.store.sql.GRAPH_TTL_SECONDS", 0.0)
+    read = store._read  # pyright: ignore[reportPrivateUsage]
+    entered = anyio.Event()
+    reads = 0
+
+    async def stuck_once(read_one: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 1:  # the first read never ends: its caller is cancelled
+            entered.set()
+            await anyio.sleep_forever()
+        return await read(read_one)
+
+    monkeypatch.setattr(store, "_read", stuck_once)
+    waited: list[Any] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            reader = anyio.CancelScope()
+
+            async def first() -> None:
+                with reader:
+                    await store.get_graph("brief", 1)
+
+            async def second() -> None:
+                waited.append(await store.get_graph("brief", 1))
+
+            tg.start_soon(first)
+            await entered.wait()
+            tg.start_soon(second)  # finds the first read in flight and waits for it
+            await anyio.lowlevel.checkpoint()
+            reader.cancel()
+    assert [(g.name, g.description) for g in waited] == [("brief", "first")]
+    assert reads == 2
 
 
 async def test_a_failing_event_fails_only_its_caller(store: SqlStore) -> None:

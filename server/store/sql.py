@@ -141,6 +141,18 @@ class _NewRun(Pending):
     values: dict[str, Any]
 
 
+class _GraphRead:
+    """A graph record being read; callers wanting the same one meanwhile wait for it."""
+
+    __slots__ = ("done", "error", "record", "writes")
+
+    def __init__(self, writes: int) -> None:
+        self.writes = writes  # the store's count of graph writes begun when the read began
+        self.done = anyio.Event()
+        self.record: GraphRecord | None = None
+        self.error: Exception | None = None
+
+
 @dataclass(eq=False, slots=True, kw_only=True)
 class _Lookup(Pending):
     """A point read by key on Postgres; lookups made at once share a statement."""
@@ -532,6 +544,10 @@ class SqlStore:
         # Graph reads by (name, version or None for the latest): (expiry, record).
         self._graphs: dict[tuple[str, int], tuple[float, GraphRecord]] = {}
         self._graph_writes = 0
+        # Graph reads in flight: a burst of POSTs to one graph finding the cache expired reads the
+        # record once, the others wait for that read (they each read it, 60 reads queued for the
+        # reader threads, and the burst's runs were created milliseconds later).
+        self._graph_reads: dict[tuple[str, int], _GraphRead] = {}
         self._sessions = async_sessionmaker(self._engine, class_=AsyncSession, expire_on_commit=False)
         self._ids = RunIds()
         self._records = GroupCommit[_Pending](self._write_batch, batch_size, idle_lap=INLINE_LAP)
@@ -668,12 +684,31 @@ class SqlStore:
                 raise NotFound(f"graph {name!r} not found")
             version = latest
         key = (name, version)
-        now = time.monotonic()
-        cached = self._graphs.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        while True:
+            now = time.monotonic()
+            cached = self._graphs.get(key)
+            if cached is not None and cached[0] > now:
+                return cached[1]
+            flight = self._graph_reads.get(key)
+            if flight is None or flight.writes != self._graph_writes:
+                break  # none in flight, or it began before a graph write: read anew
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.record is not None:
+                return flight.record
+            # The read was cancelled: try again.
         writes = self._graph_writes
-        record = await self._read(lambda conn: _read_graph(conn, name, version))
+        flight = self._graph_reads[key] = _GraphRead(writes)
+        try:
+            record = flight.record = await self._read(lambda conn: _read_graph(conn, name, version))
+        except Exception as exc:
+            flight.error = exc
+            raise
+        finally:
+            if self._graph_reads.get(key) is flight:
+                del self._graph_reads[key]
+            flight.done.set()
         if writes == self._graph_writes:  # no write began meanwhile: the record is current
             if len(self._graphs) >= GRAPH_CACHE_SIZE:
                 self._graphs.clear()

@@ -190,12 +190,13 @@ def _sqlite_timestamp(value: datetime | None) -> str | None:
 
 
 class _SqliteBatches:
-    """Writes ``record`` batches on SQLite in a thread of its own: one connection kept open, rows
+    """Writes ``record`` batches (and new runs) on SQLite: on the event loop when it is otherwise
+    idle, else in a thread of its own (``INLINE_LAP``); each way one connection kept open, rows
     written through its DB-API cursor with statements prepared once. SQLAlchemy's work per
-    statement and a pool checkout per batch cost several times SQLite's own work; the values go
-    through the same bind processors SQLAlchemy applies, so the rows are the same. The thread is
-    reached through a plain executor: ``anyio.to_thread`` adds two trips through the event loop
-    (a checkpoint and its limiter's) to every batch."""
+    statement and a pool checkout per batch cost several times SQLite's own work; the values are
+    what SQLAlchemy's bind processors make of them (``processors``), so the rows are the same.
+    The thread is reached through a plain executor: ``anyio.to_thread`` adds two trips through
+    the event loop (a checkpoint and its limiter's) to every batch."""
 
     EVENT_COLUMNS = ("run_id", "seq", "type", "graph", "at", "data")
     NODE_KEY = ("run_id", "node", "iteration", "idx")
@@ -228,9 +229,9 @@ class _SqliteBatches:
         )
         self.run_updates: dict[frozenset[str], tuple[str, tuple[str, ...], list[Any]]] = {}
         self.thread: ThreadPoolExecutor | None = None
-        # The event loop's connection, for batches written there (``INLINE_LAP``): it never waits for a
-        # lock (another process writing: the batch goes to the writer thread, which waits) and
-        # never checkpoints (``checkpoint`` does, in the writer thread).
+        # The event loop's connection, for batches written there: it never waits for a lock
+        # (another process writing: the batch goes to the writer thread, which waits) and never
+        # checkpoints the WAL (``_checkpoint_soon`` does, in the writer thread).
         self.inline: Connection | None = None
         self.inline_commits = 0
         self.checkpointing = False

@@ -4,6 +4,7 @@ child processes (``braid serve``, ``braid worker``, ``celery worker``)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import secrets
@@ -12,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -80,6 +81,29 @@ def fanout_spec(name: str, width: int, branch: Mapping[str, Any] | None = None) 
 
 
 # --- numbers and tables ------------------------------------------------------------------------
+
+
+async def take_turns(
+    runs: Mapping[str, Callable[[], Awaitable[None]]], reps: int, *, warm_up: bool = True
+) -> dict[str, list[float]]:
+    """The wall times of ``reps`` runs of each of ``runs``, in seconds (after one warm-up run
+    each with ``warm_up``). The engines take turns (one run of each, then again), so a slower
+    spell of the machine falls on every engine alike. As ``braid serve`` and ``braid worker`` do
+    at start (server/cli.py), what start-up made is frozen out of the collector's reach; before
+    each timed run, for every engine alike, the previous run's garbage is collected."""
+    gc.collect()
+    gc.freeze()
+    if warm_up:
+        for run in runs.values():
+            await run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            gc.collect()
+            began = time.perf_counter()
+            await run()
+            times[name].append(time.perf_counter() - began)
+    return times
 
 
 def median(values: Sequence[float]) -> float:

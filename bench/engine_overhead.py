@@ -6,7 +6,7 @@ Shapes: a chain of 100 nodes, a 100-way and a 1,000-way fan-out/join (source, br
 Braid runs with a ``MemoryRecorder`` and with every event durably recorded in SQLite (``SqlStore``
 on a temporary file); LangGraph without a checkpointer and with ``InMemorySaver``. Graph parsing
 and compiling are outside the timing; each figure is the median of ``--reps`` runs after one
-warm-up run, the four engines taking turns run by run (see ``timed``). ``--profile`` prints
+warm-up run, the four engines taking turns run by run (see ``take_turns``). ``--profile`` prints
 cProfile's top functions of Braid in memory on the 1,000 fan-out.
 """
 
@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import itertools
 import operator
 import pstats
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import anyio
 
-from bench.common import chain_spec, fanout_spec, median, registry, table, token
+from bench.common import chain_spec, fanout_spec, median, registry, table, take_turns, token
 from server.engine.engine import Engine
 from server.engine.memory import MemoryRecorder
 from server.engine.records import RunInfo
@@ -129,32 +127,11 @@ async def langgraph_run(app: Any, expected: int) -> None:
 # --- measuring -----------------------------------------------------------------------------------
 
 
-async def timed(runs: dict[str, Callable[[], Awaitable[None]]], reps: int) -> dict[str, float]:
-    """The median wall time of ``reps`` runs of each of ``runs``, in seconds, after one warm-up
-    run each. The runs take turns (one of each, then again), so a slower spell of the machine
-    falls on every engine alike; before each timed run, for every engine alike, the previous
-    run's garbage is collected."""
-    for run in runs.values():
-        await run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            gc.collect()
-            began = time.perf_counter()
-            await run()
-            times[name].append(time.perf_counter() - began)
-    return {name: median(values) for name, values in times.items()}
-
-
 async def measure(reps: int) -> dict[str, Any]:
     from langgraph.checkpoint.memory import InMemorySaver
 
     reg = registry()
     results: dict[str, Any] = {}
-    # As `braid serve` and `braid worker` do at start (server/cli.py): what start-up made is
-    # frozen out of the collector's reach.
-    gc.collect()
-    gc.freeze()
     with tempfile.TemporaryDirectory(prefix="braid-bench-") as folder:
         sqlite = SqliteRuns(Path(folder))
         await sqlite.store.start()
@@ -165,7 +142,7 @@ async def measure(reps: int) -> dict[str, Any]:
                 plain = langgraph_app(shape, size)
                 saved = langgraph_app(shape, size, InMemorySaver())
                 n_reps = reps if size < 1000 else max(1, reps - 2)
-                seconds = await timed(
+                times = await take_turns(
                     {
                         "braid_memory": lambda g=graph: braid_memory(g),
                         "braid_sqlite": lambda g=graph: sqlite.run(g),
@@ -174,6 +151,7 @@ async def measure(reps: int) -> dict[str, Any]:
                     },
                     n_reps,
                 )
+                seconds = {name: median(values) for name, values in times.items()}
                 results[label] = {
                     "nodes": nodes,
                     "reps": n_reps,

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from bench.common import fanout_spec, median, registry, table
+from bench.common import fanout_spec, median, registry, table, take_turns
 from bench.engine_overhead import SqliteRuns, State, braid_memory, langgraph_run
 from server.graph.parse import parse_graph
 
@@ -52,27 +50,19 @@ async def measure(width: int, seconds: float, reps: int) -> dict[str, Any]:
     spec = fanout_spec(f"bench-waits-{width}", width, {"agent": "wait", "seconds": seconds})
     graph = parse_graph(spec, registry())
     app = langgraph_waits(width, seconds)
-    walls: dict[str, list[float]] = {"braid_memory": [], "braid_sqlite": [], "langgraph": []}
     with tempfile.TemporaryDirectory(prefix="braid-bench-") as folder:
         sqlite = SqliteRuns(Path(folder))
         await sqlite.store.start()
         try:
-            runs = {
-                "braid_memory": lambda: braid_memory(graph),
-                "braid_sqlite": lambda: sqlite.run(graph),
-                "langgraph": lambda: langgraph_run(app, width + 2),
-            }
-            # As `braid serve` and `braid worker` do at start (server/cli.py): what start-up made
-            # is frozen out of the collector's reach; before each timed run, for every engine
-            # alike, the previous run's garbage is collected.
-            gc.collect()
-            gc.freeze()
-            for _ in range(reps):
-                for name, run in runs.items():
-                    gc.collect()
-                    began = time.perf_counter()
-                    await run()
-                    walls[name].append(time.perf_counter() - began)
+            walls = await take_turns(
+                {
+                    "braid_memory": lambda: braid_memory(graph),
+                    "braid_sqlite": lambda: sqlite.run(graph),
+                    "langgraph": lambda: langgraph_run(app, width + 2),
+                },
+                reps,
+                warm_up=False,
+            )
         finally:
             await sqlite.store.close()
     return {

@@ -182,11 +182,8 @@ def _dumps(value: Any) -> str:
 def _sqlite_timestamp(value: datetime | None) -> str | None:
     """A timestamp as ``UTCDateTime`` stores it on SQLite: UTC (a naive one taken to be UTC),
     as SQLite's ``DATETIME`` text, ``YYYY-MM-DD HH:MM:SS.ffffff``."""
-    if value is None:
-        return None
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(" ", "microseconds")
+    utc = _utc(value)
+    return None if utc is None else utc.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 class _SqliteBatches:

@@ -61,6 +61,12 @@ class GroupCommit(Generic[P]):
     async def submit(self, item: P) -> None:
         """Queue ``item`` and return once it is written; raise its error if it failed."""
         self.queue.append(item)
+        await self.written(item)
+
+    async def written(self, item: P) -> None:
+        """Return once ``item``, queued before (``queue.append``), is written; raise its error if
+        it failed. Queuing and waiting apart, a caller takes its item's place in the order at
+        once and waits (and may write) later, or in another task."""
         while not item.done:
             if not self._writing:
                 await self._drain(item)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import datetime
 
 import anyio
@@ -43,6 +43,13 @@ class Publisher:
 
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
         await self.store.record(event, change)
+        await self.bus.publish(event)
+
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
+        return self._publish(self.store.record_later(event, change), event)
+
+    async def _publish(self, stored: Awaitable[None], event: Event) -> None:
+        await stored
         await self.bus.publish(event)
 
 

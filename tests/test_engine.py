@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -786,6 +787,144 @@ async def test_a_recorder_error_propagates_and_no_finish_is_recorded() -> None:
         await run_graph(graph, recorder=recorder)
     assert recorder.of("workflow.finished") == []
     assert recorder.types() == ["workflow.started", "node.started"]
+
+
+class QueuedRecorder(MemoryRecorder):
+    """Commits in order through a queue, as the SQL store does (``record`` suspends), and can
+    take an event's place at once (``record_later``). Commits wait while ``held``."""
+
+    def __init__(self, hold_after: Callable[[Event], bool] = lambda _: False) -> None:
+        super().__init__()
+        self.queue: list[tuple[Event, NodeExecution | RunUpdate | None, anyio.Event]] = []
+        self.hold_after = hold_after
+        self.released = anyio.Event()
+        self.released.set()
+        self.held = anyio.Event()
+        self.fail: Callable[[Event], bool] = lambda _: False
+        self.broken = False
+
+    async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
+        await self.record_later(event, change)
+
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
+        done = anyio.Event()
+        self.queue.append((event, change, done))
+        return self._committed(event, done)
+
+    async def _committed(self, event: Event, done: anyio.Event) -> None:
+        await anyio.lowlevel.checkpoint()
+        while not done.is_set():
+            await self.released.wait()
+            if done.is_set():
+                break
+            first, change, first_done = self.queue.pop(0)
+            if self.broken or self.fail(first):
+                self.broken = True  # and every later event of the run, as the store does
+                raise ConnectionError("database is gone")
+            await MemoryRecorder.record(self, first, change)
+            first_done.set()
+            if self.hold_after(first):
+                self.released = anyio.Event()
+                self.held.set()
+
+    def release(self) -> None:
+        self.released.set()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await anyio.lowlevel.checkpoint()
+
+
+def durable(recorder: MemoryRecorder, type: EventType, node: str) -> bool:
+    return any(e.type == type and e.data.get("node") == node for e in recorder.events)
+
+
+@pytest.mark.anyio
+async def test_fanned_out_agents_start_while_their_node_started_is_being_recorded() -> None:
+    graph = make_graph(
+        {
+            "source": {"agent": "echo"},
+            **{b: {"agent": "gate", "open": [f"ran-{b}"], "wait": "'go'"} for b in ("b1", "b2", "b3")},
+            "join": {"agent": "echo"},
+        },
+        [{"from": "source", "to": b} for b in ("b1", "b2", "b3")]
+        + [{"from": b, "to": "join"} for b in ("b1", "b2", "b3")],
+    )
+    # Commits stop once the source's completion is durable.
+    recorder = QueuedRecorder(lambda e: e.type == EventType.NODE_COMPLETED and e.data["node"] == "source")
+    tally = Tally()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            result: list[Any] = []
+
+            async def run() -> None:
+                result.append(await run_graph(graph, tally=tally, recorder=recorder))
+
+            tg.start_soon(run)
+            await recorder.held.wait()
+            for b in ("b1", "b2", "b3"):
+                await tally.gate(f"ran-{b}").wait()  # ran, though nothing more is committed
+            assert [e.data.get("node") for e in recorder.of("node.started")] == ["source"]
+            tally.gate("go").set()
+            await wait_until(lambda: len(recorder.queue) >= 6)  # three starts, three completions
+            assert tally.calls["join"] == 0  # its inputs are not durable: it waits
+            recorder.release()
+    assert result[0][0].status == RunStatus.SUCCEEDED
+    assert seqs(recorder) == list(range(1, len(recorder.events) + 1))
+    for b in ("b1", "b2", "b3"):
+        kinds = [str(e.type) for e in recorder.events if e.data.get("node") == b]
+        assert kinds == ["node.started", "node.completed"]
+
+
+@pytest.mark.anyio
+async def test_an_agent_never_runs_before_its_inputs_are_durable() -> None:
+    seen: dict[str, set[str]] = {}
+    recorder = QueuedRecorder()
+
+    class CheckConfig(AgentConfig):
+        pass
+
+    @agent("check", config=CheckConfig)
+    async def check(config: CheckConfig, ctx: NodeContext) -> Any:
+        seen[ctx.node] = {n for n in "abcdef" if durable(recorder, EventType.NODE_COMPLETED, n)}
+        await anyio.lowlevel.checkpoint()
+        return ctx.node
+
+    edges = [("a", "b"), ("a", "c"), ("a", "d"), ("b", "e"), ("c", "e"), ("d", "f"), ("e", "f")]
+    spec = {
+        "name": "inputs",
+        "nodes": {n: {"agent": "check"} for n in "abcdef"},
+        "edges": [{"from": s, "to": t} for s, t in edges],
+    }
+    graph = build_graph(spec, Registry([check.__braid_agent__]))  # type: ignore[attr-defined]
+    with anyio.fail_after(5):
+        update = await Engine().run(graph, RunInfo("run-1", "inputs", 1, None), recorder)
+    assert update.status == RunStatus.SUCCEEDED
+    for source, target in edges:
+        assert source in seen[target], f"{target} ran before {source}'s completion was durable"
+    assert seqs(recorder) == list(range(1, len(recorder.events) + 1))
+
+
+@pytest.mark.anyio
+async def test_a_node_started_recorded_later_that_fails_stops_the_run() -> None:
+    graph = make_graph(
+        {
+            "source": {"agent": "echo"},
+            "b1": {"agent": "gate", "open": ["b1-ran"], "wait": "'never'"},
+            "b2": {"agent": "gate", "wait": "'never'"},
+        },
+        [{"from": "source", "to": "b1"}, {"from": "source", "to": "b2"}],
+    )
+    recorder = QueuedRecorder()
+    recorder.fail = lambda e: e.type == EventType.NODE_STARTED and e.data["node"] == "b1"
+    tally = Tally()
+    with pytest.raises(ConnectionError, match="database is gone"), anyio.fail_after(5):
+        await run_graph(graph, tally=tally, recorder=recorder)
+    # b1's agent ran (its start was being recorded), then was stopped with the run; nothing
+    # after the failed event was recorded
+    assert tally.calls["b1"] == 1
+    assert recorder.types() == ["workflow.started", "node.started", "node.completed"]
 
 
 @pytest.mark.anyio

@@ -623,6 +623,30 @@ async def test_a_failing_event_fails_only_its_caller(store: SqlStore) -> None:
     assert [e.seq for e in await store.events(run.id)] == [1, 2, 3]
 
 
+async def test_record_later_takes_its_place_at_once_and_persists_when_awaited(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+    later = store.record_later(node_event(run.id, 1, EventType.NODE_STARTED, "a"))
+    # Recorded after it, committed after it: the later event cannot land first (no gap).
+    await store.record(node_event(run.id, 2, EventType.NODE_COMPLETED, "a", output="x"))
+    assert [e.seq for e in await store.events(run.id)] == [1, 2]
+    with anyio.fail_after(5):
+        await later  # written already: returns at once
+    third = store.record_later(node_event(run.id, 3, EventType.NODE_STARTED, "b"))
+    with anyio.fail_after(5):
+        await third  # nothing after it: awaiting it writes it
+    assert [e.seq for e in await store.events(run.id)] == [1, 2, 3]
+    assert (await store.get_run(run.id)).last_seq == 3
+
+
+async def test_record_later_of_a_taken_number_fails_its_awaiter(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+    await store.record(node_event(run.id, 1, EventType.NODE_STARTED, "a"))
+    later = store.record_later(node_event(run.id, 1, EventType.NODE_STARTED, "b"))
+    with pytest.raises(Conflict), anyio.fail_after(5):
+        await later
+    assert [e.data["node"] for e in await store.events(run.id)] == ["a"]
+
+
 async def test_cancelled_callers_events_are_still_written(open_store: Opener) -> None:
     # Small batches, so most callers are still queued (not yet in a transaction) when cancelled.
     store = await open_store(batch_size=4)

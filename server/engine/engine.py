@@ -19,6 +19,10 @@ Choices where DESIGN.md is silent:
   Recorder persists state only together with an event.
 * A node completing again in a loop re-resolves its edges into nodes outside the loop only while
   those nodes have not started: a node runs at most once per pass (join-once).
+* An agent runs only once every event recorded before its node started that it may depend on
+  (completions, failures, skips) is durable. Its own ``node.started`` may still be committing
+  while it runs (a fan-out's branches, with a store that commits in the background); it is
+  durable before anything the node records after it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from __future__ import annotations
 import math
 import types
 from collections import deque
-from collections.abc import Coroutine, Generator, Iterator, Mapping
+from collections.abc import Awaitable, Coroutine, Generator, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -44,7 +48,7 @@ from tenacity import (
 )
 
 from server.engine.context import NodeContext, Resources
-from server.engine.protocols import Recorder
+from server.engine.protocols import LaterRecorder, Recorder
 from server.engine.records import NodeExecution, RunInfo, RunState, RunUpdate, Usage, add_usage
 from server.errors import BraidError, ExpressionError, NodeError, RetryableError
 from server.events import Event, utcnow
@@ -56,6 +60,9 @@ PLAN_CACHE_SIZE = 256
 
 RECORD_TIMEOUT = 10.0
 """Longest wait for one ``Recorder.record`` call; beyond it the store is taken to be gone."""
+
+_NOT_DEPENDED_ON = frozenset({EventType.NODE_STARTED, EventType.NODE_DELTA, EventType.NODE_RETRYING})
+"""Events no node's start depends on (every other one may carry an output, or end a node)."""
 
 
 T = TypeVar("T")
@@ -398,6 +405,12 @@ class _Run:
         self.handle = handle
         self.seq = state.last_seq
         self.broken: Exception | None = None
+        # The latest event a node may depend on (its number), and the latest recorded: while
+        # the one is not after the other, a node's inputs are durable and its ``node.started``
+        # can be recorded while its agent runs (see ``emit_later``).
+        self.depended = state.last_seq
+        self.recorded = state.last_seq
+        self.later = cast("LaterRecorder", recorder) if hasattr(recorder, "record_later") else None
         # Held while skips are recorded: a node that another branch makes ready meanwhile may
         # depend on one of them, so it starts only once they are recorded (see ``advance``).
         self.skip_lock = anyio.Lock()
@@ -533,20 +546,52 @@ class _Run:
         if self.broken is not None:
             raise self.broken
         self.seq += 1
+        if type not in _NOT_DEPENDED_ON:
+            self.depended = self.seq
         event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
         guard = _GUARD.get() if guarded else None
         if guard is not None:
             await self._record_guarded(guard, event, change)
+        else:
+            await self._record_shielded(self.recorder.record(event, change), event)
+        self.recorded = max(self.recorded, event.seq)
+
+    def emit_later(self, type: EventType, data: dict[str, Any], change: NodeExecution) -> bool:
+        """Number ``data`` and record it in a task of its own, if that can be (a ``LaterRecorder``
+        that suspends, and every event a node may depend on is recorded: so a node's agent never
+        runs on inputs that are not durable); False if not, and nothing is done.
+
+        The event takes its place at once, so whatever the run records next is durable only
+        after it; should recording it fail, the run stops there as it would in ``emit``."""
+        if self.immediate or self.later is None or self.recorded < self.depended:
+            return False
+        if self.broken is not None:
+            raise self.broken
+        self.seq += 1
+        event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
+        self.tg.start_soon(self._recorded_later, self.later.record_later(event, change), event)
+        return True
+
+    async def _recorded_later(self, record: Awaitable[None], event: Event) -> None:
+        try:
+            await self._record_shielded(record, event)
+        except Exception as exc:
+            if self.crash is None:
+                self.crash = exc
+            self.scope.cancel()
             return
+        self.recorded = max(self.recorded, event.seq)
+
+    async def _record_shielded(self, record: Awaitable[None], event: Event) -> None:
         with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
             try:
-                await self.recorder.record(event, change)
+                await record
             except Exception as exc:
                 self.broken = exc
                 raise
         if scope.cancelled_caught:
             self.broken = RecordTimeout(
-                f"recording {type} took over {RECORD_TIMEOUT:g}s: is the store reachable?"
+                f"recording {event.type} took over {RECORD_TIMEOUT:g}s: is the store reachable?"
             )
             raise self.broken
 
@@ -815,9 +860,15 @@ class _Run:
         # Recording takes a round trip: the successors start now, and record their
         # ``node.started`` after this completion (in sequence, so in the same commit when the
         # store groups them); each runs its agent only once its ``node.started`` is recorded,
-        # by then this completion too.
+        # by then this completion too (``emit_later`` declines while this is not recorded).
         skipped, ready = self.resolve(node.id, decision)
         if not skipped and not self.skipping:
+            if len(ready) > 1 and self.later is not None:
+                # A fan-out: this completion is committed first, on its own, then the branches
+                # start, their agents running while their ``node.started`` are recorded.
+                await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
+                self.start(ready, inline=False)
+                return None
             self.start(ready, inline=False)
             await self.emit(EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex))
             return None
@@ -908,7 +959,8 @@ class _Run:
             ex.status = NodeStatus.RUNNING
             ex.error = None
             started = tagged({"node": node.id, "attempt": attempt, "iteration": ex.iteration})
-            await self.emit(EventType.NODE_STARTED, started, _snapshot(ex))
+            if not self.emit_later(EventType.NODE_STARTED, started, _snapshot(ex)):
+                await self.emit(EventType.NODE_STARTED, started, _snapshot(ex))
             variables = self.variables(node.id, ex.iteration, copy=True)
             if index is not None:
                 variables["item"] = _guarded(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 from server.engine.records import NodeExecution, RunUpdate
@@ -26,4 +27,17 @@ class Recorder(Protocol):
 
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
         """Persist ``event`` and the state change it reflects, then publish the event."""
+        ...
+
+
+class LaterRecorder(Recorder, Protocol):
+    """A recorder that can also take an event's place at once and record it later.
+
+    The engine uses it for a node's ``node.started`` when everything the node depends on is
+    recorded already: the agent starts without waiting for that commit (a completion queued
+    after it still becomes durable only after it)."""
+
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
+        """Take ``event``'s place in the run's order now; the awaitable persists and publishes it
+        as ``record`` does (it must be awaited)."""
         ...

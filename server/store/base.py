@@ -6,6 +6,7 @@ embedded default) and Postgres (asyncpg); one contract suite tests both.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -130,6 +131,11 @@ class Store(Protocol):
     # events (the engine's Recorder)
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
         """Persist the event (assigning ``event.gid``) and the state change, atomically."""
+        ...
+
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
+        """``record`` in two steps: the event takes its place in the order now, the awaitable
+        persists it (see ``LaterRecorder``)."""
         ...
 
     async def events(self, run_id: str, after: int = 0, limit: int | None = None) -> list[Event]:

@@ -892,6 +892,11 @@ class SqlStore:
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
         await self._records.submit(_Pending(event=event, change=change))
 
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
+        item = _Pending(event=event, change=change)
+        self._records.queue.append(item)
+        return self._records.written(item)
+
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:
             await self._commit(batch)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import cast
 
 import anyio
 
@@ -45,12 +46,13 @@ class Publisher:
         await self.store.record(event, change)
         await self.bus.publish(event)
 
-    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
-        return self._publish(self.store.record_later(event, change), event)
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> object:
+        return (self.store.record_later(event, change), event)
 
-    async def _publish(self, stored: Awaitable[None], event: Event) -> None:
-        await stored
-        await self.bus.publish(event)
+    async def finish(self, pending: Sequence[object]) -> None:
+        queued = cast("Sequence[tuple[object, Event]]", pending)
+        await self.store.finish([stored for stored, _ in queued])
+        await self.bus.publish_many([event for _, event in queued])
 
 
 class GraphCache:

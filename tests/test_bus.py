@@ -121,6 +121,18 @@ async def test_global_subscriber_gets_every_run(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_publish_many_delivers_them_in_order(backend: Backend) -> None:
+    bus = backend.bus()
+    events = [event("a", seq) for seq in range(1, 41)] + [event("b", 1)]
+    async with bus.subscribe("a") as run, bus.subscribe() as feed:
+        await bus.publish_many(events)
+        await bus.publish_many([])
+
+        assert await receive(run, 40) == events[:40]
+        assert await receive(feed, 41) == events
+
+
+@pytest.mark.anyio
 async def test_live_from_subscribe(backend: Backend) -> None:
     bus = backend.bus()
     await bus.publish(event("a", 1))  # before: the caller reads it from the database instead

@@ -29,6 +29,7 @@ import pytest
 import redis
 from litestar.testing import AsyncTestClient
 
+from server.bus.redis import decode
 from server.config import Settings
 from server.keys import Keys
 from server.queue.redis import RedisQueue
@@ -448,6 +449,38 @@ def test_runs_spread_over_workers_and_survive_one_killed(cluster: Cluster) -> No
             # still in flight on the victim starts it again: at-least-once, as DESIGN.md says.)
             started = [e["node"] for e in events if e["type"] == "node.started"]
             assert started.count("a") == 1, f"run {run_id}: {started}"
+
+
+def test_a_fan_out_publishes_every_event_of_its_run_once(cluster: Cluster) -> None:
+    cluster.ensure_workers(1)
+    api = cluster.apis[0]
+    branches = [f"b{i}" for i in range(30)]
+    spec = {
+        "name": "fan-publish",
+        "concurrency": len(branches),
+        "nodes": {
+            "source": {"agent": "template", "template": "go"},
+            **{b: {"agent": "wait", "seconds": 0.2} for b in branches},
+            "join": {"agent": "template", "template": "done"},
+        },
+        "edges": [{"from": "source", "to": b} for b in branches]
+        + [{"from": b, "to": "join"} for b in branches],
+    }
+    put_graph(api, spec)
+    (run_id,) = start_runs(api, "fan-publish", 1)
+    (run,) = wait_until_ended(api, [run_id], 30).values()
+    assert run["status"] == "succeeded", run
+    stored = assert_clean_history(api, run_id, "succeeded")
+    # What the bus carried (the run's Redis stream), not what the store holds: the branches'
+    # node.started, recorded while their agents ran, were published too, each once (events
+    # committed together may be published in another order; subscribers put them in order).
+    with redis.Redis.from_url(cluster.redis_url, decode_responses=True) as client:
+        key = Keys(cluster.prefix).run_events(run_id)
+        entries: list[tuple[str, dict[str, str]]] = client.xrange(key)  # pyright: ignore[reportAssignmentType]
+    published = [decode(fields) for _, fields in entries]
+    assert sorted(e.seq for e in published) == [e["id"] for e in stored]
+    started = [e.data["node"] for e in published if e.type == EventType.NODE_STARTED]
+    assert sorted(started) == sorted(["source", *branches, "join"])
 
 
 def test_cancel_through_another_api_stops_the_run_on_its_worker(cluster: Cluster) -> None:

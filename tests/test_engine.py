@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
@@ -791,7 +791,8 @@ async def test_a_recorder_error_propagates_and_no_finish_is_recorded() -> None:
 
 class QueuedRecorder(MemoryRecorder):
     """Commits in order through a queue, as the SQL store does (``record`` suspends), and can
-    take an event's place at once (``record_later``). Commits wait while ``held``."""
+    take an event's place at once (``record_later``). Commits wait while held (``hold_after``
+    an event, until ``release``); with ``fail``, an event and every later one fail."""
 
     def __init__(self, hold_after: Callable[[Event], bool] = lambda _: False) -> None:
         super().__init__()
@@ -804,14 +805,18 @@ class QueuedRecorder(MemoryRecorder):
         self.broken = False
 
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
-        await self.record_later(event, change)
+        await self._committed(self.record_later(event, change))
 
-    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> anyio.Event:
         done = anyio.Event()
         self.queue.append((event, change, done))
-        return self._committed(event, done)
+        return done
 
-    async def _committed(self, event: Event, done: anyio.Event) -> None:
+    async def finish(self, pending: Sequence[object]) -> None:
+        for done in pending:
+            await self._committed(cast(anyio.Event, done))
+
+    async def _committed(self, done: anyio.Event) -> None:
         await anyio.lowlevel.checkpoint()
         while not done.is_set():
             await self.released.wait()
@@ -819,7 +824,7 @@ class QueuedRecorder(MemoryRecorder):
                 break
             first, change, first_done = self.queue.pop(0)
             if self.broken or self.fail(first):
-                self.broken = True  # and every later event of the run, as the store does
+                self.broken = True
                 raise ConnectionError("database is gone")
             await MemoryRecorder.record(self, first, change)
             first_done.set()

@@ -623,27 +623,28 @@ async def test_a_failing_event_fails_only_its_caller(store: SqlStore) -> None:
     assert [e.seq for e in await store.events(run.id)] == [1, 2, 3]
 
 
-async def test_record_later_takes_its_place_at_once_and_persists_when_awaited(store: SqlStore) -> None:
+async def test_record_later_takes_its_place_at_once_and_persists_when_finished(store: SqlStore) -> None:
     run, _ = await store.create_run("brief", 1, None)
-    later = store.record_later(node_event(run.id, 1, EventType.NODE_STARTED, "a"))
+    first = store.record_later(node_event(run.id, 1, EventType.NODE_STARTED, "a"))
     # Recorded after it, committed after it: the later event cannot land first (no gap).
     await store.record(node_event(run.id, 2, EventType.NODE_COMPLETED, "a", output="x"))
     assert [e.seq for e in await store.events(run.id)] == [1, 2]
     with anyio.fail_after(5):
-        await later  # written already: returns at once
-    third = store.record_later(node_event(run.id, 3, EventType.NODE_STARTED, "b"))
+        await store.finish([first])  # written already: returns at once
+    later = [store.record_later(node_event(run.id, seq, EventType.NODE_STARTED, "b")) for seq in (3, 4, 5)]
     with anyio.fail_after(5):
-        await third  # nothing after it: awaiting it writes it
-    assert [e.seq for e in await store.events(run.id)] == [1, 2, 3]
-    assert (await store.get_run(run.id)).last_seq == 3
+        await store.finish(later)  # nothing after them: finishing writes them
+    assert [e.seq for e in await store.events(run.id)] == [1, 2, 3, 4, 5]
+    assert (await store.get_run(run.id)).last_seq == 5
 
 
-async def test_record_later_of_a_taken_number_fails_its_awaiter(store: SqlStore) -> None:
+async def test_record_later_of_a_taken_number_fails_its_finish(store: SqlStore) -> None:
     run, _ = await store.create_run("brief", 1, None)
     await store.record(node_event(run.id, 1, EventType.NODE_STARTED, "a"))
-    later = store.record_later(node_event(run.id, 1, EventType.NODE_STARTED, "b"))
+    taken = store.record_later(node_event(run.id, 1, EventType.NODE_STARTED, "b"))
+    after = store.record_later(node_event(run.id, 2, EventType.NODE_STARTED, "c"))
     with pytest.raises(Conflict), anyio.fail_after(5):
-        await later
+        await store.finish([taken, after])
     assert [e.data["node"] for e in await store.events(run.id)] == ["a"]
 
 

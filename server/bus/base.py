@@ -4,6 +4,7 @@ before, then take the live events, dropping the ones they already had (by ``seq`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -20,6 +21,10 @@ class EventBus(Protocol):
     async def publish(self, event: Event) -> None:
         """Deliver a persisted event (its ``gid`` set) to every matching subscriber; never blocks
         on a slow subscriber."""
+        ...
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """``publish`` each of ``events``, in order, at once (one round trip)."""
         ...
 
     def subscribe(self, run_id: str | None = None) -> AbstractAsyncContextManager[Subscription]:

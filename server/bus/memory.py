@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -79,6 +79,10 @@ class MemoryBus:
             for buffer in list(self._by_run.get(key, ())):
                 if not buffer.offer(event):
                     self._remove(key, buffer)
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        for event in events:
+            await self.publish(event)
 
     @asynccontextmanager
     async def subscribe(self, run_id: str | None = None) -> AsyncGenerator[Buffer, None]:

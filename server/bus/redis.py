@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +121,16 @@ class RedisBus:
         """Append the event to its run's stream and to the feed. Concurrent calls share one
         pipeline, one round trip (``server.batching``, as the store's events share a commit)."""
         await self._outbox.submit(_Outgoing(event=event))
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        items = [_Outgoing(event=event) for event in events]
+        self._outbox.queue.extend(items)
+        await self._outbox.written(items[-1])  # batches go in order: the others are sent too
+        for item in items:
+            if item.error is not None:
+                raise item.error
 
     async def _send(self, batch: list[_Outgoing]) -> None:
         # A run's stream lives ``unfinished_ttl`` after its last event, ``run_stream_ttl`` after its

@@ -411,6 +411,9 @@ class _Run:
         self.depended = state.last_seq
         self.recorded = state.last_seq
         self.later = cast("LaterRecorder", recorder) if hasattr(recorder, "record_later") else None
+        # Events taken by ``record_later`` and not yet finished, and whether a task finishes them.
+        self.backlog: list[tuple[object, Event]] = []
+        self.finishing = False
         # Held while skips are recorded: a node that another branch makes ready meanwhile may
         # depend on one of them, so it starts only once they are recorded (see ``advance``).
         self.skip_lock = anyio.Lock()
@@ -557,9 +560,10 @@ class _Run:
         self.recorded = max(self.recorded, event.seq)
 
     def emit_later(self, type: EventType, data: dict[str, Any], change: NodeExecution) -> bool:
-        """Number ``data`` and record it in a task of its own, if that can be (a ``LaterRecorder``
-        that suspends, and every event a node may depend on is recorded: so a node's agent never
-        runs on inputs that are not durable); False if not, and nothing is done.
+        """Number ``data`` and have it recorded by a task of the run (one at a time, finishing
+        what was taken meanwhile together), if that can be: a ``LaterRecorder`` that suspends,
+        and every event a node may depend on recorded, so that a node's agent never runs on
+        inputs that are not durable. False if not, and nothing is done.
 
         The event takes its place at once, so whatever the run records next is durable only
         after it; should recording it fail, the run stops there as it would in ``emit``."""
@@ -569,18 +573,25 @@ class _Run:
             raise self.broken
         self.seq += 1
         event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
-        self.tg.start_soon(self._recorded_later, self.later.record_later(event, change), event)
+        self.backlog.append((self.later.record_later(event, change), event))
+        if not self.finishing:
+            self.finishing = True
+            self.tg.start_soon(self._finish_backlog, self.later, name="braid record later")
         return True
 
-    async def _recorded_later(self, record: Awaitable[None], event: Event) -> None:
+    async def _finish_backlog(self, later: LaterRecorder) -> None:
         try:
-            await self._record_shielded(record, event)
+            while self.backlog:
+                batch, self.backlog = self.backlog, []
+                last = batch[-1][1]
+                await self._record_shielded(later.finish([taken for taken, _ in batch]), last)
+                self.recorded = max(self.recorded, last.seq)
         except Exception as exc:
             if self.crash is None:
                 self.crash = exc
             self.scope.cancel()
-            return
-        self.recorded = max(self.recorded, event.seq)
+        finally:
+            self.finishing = False
 
     async def _record_shielded(self, record: Awaitable[None], event: Event) -> None:
         with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from typing import Protocol
 
 from server.engine.records import NodeExecution, RunUpdate
@@ -31,13 +31,17 @@ class Recorder(Protocol):
 
 
 class LaterRecorder(Recorder, Protocol):
-    """A recorder that can also take an event's place at once and record it later.
+    """A recorder that can also take an event's place at once and record it later, with others.
 
     The engine uses it for a node's ``node.started`` when everything the node depends on is
     recorded already: the agent starts without waiting for that commit (a completion queued
     after it still becomes durable only after it)."""
 
-    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
-        """Take ``event``'s place in the run's order now; the awaitable persists and publishes it
-        as ``record`` does (it must be awaited)."""
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> object:
+        """Take ``event``'s place in the run's order now; ``finish`` persists and publishes it."""
+        ...
+
+    async def finish(self, pending: Sequence[object]) -> None:
+        """Persist and publish what ``record_later`` returned (every one of them, in order), as
+        ``record`` does one event: together, so many cost about as much as one."""
         ...

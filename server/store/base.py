@@ -6,7 +6,7 @@ embedded default) and Postgres (asyncpg); one contract suite tests both.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -133,9 +133,13 @@ class Store(Protocol):
         """Persist the event (assigning ``event.gid``) and the state change, atomically."""
         ...
 
-    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
-        """``record`` in two steps: the event takes its place in the order now, the awaitable
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> object:
+        """``record`` in two steps: the event takes its place in the order now, ``finish``
         persists it (see ``LaterRecorder``)."""
+        ...
+
+    async def finish(self, pending: Sequence[object]) -> None:
+        """Persist events queued by ``record_later``; raise the first one's error."""
         ...
 
     async def events(self, run_id: str, after: int = 0, limit: int | None = None) -> list[Event]:

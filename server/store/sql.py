@@ -21,7 +21,7 @@ import sqlite3
 import time
 import uuid
 import zlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -892,10 +892,19 @@ class SqlStore:
     async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
         await self._records.submit(_Pending(event=event, change=change))
 
-    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> Awaitable[None]:
+    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> _Pending:
         item = _Pending(event=event, change=change)
         self._records.queue.append(item)
-        return self._records.written(item)
+        return item
+
+    async def finish(self, pending: Sequence[object]) -> None:
+        # Batches are written in order: once the last is written, so are the others.
+        items = cast("Sequence[_Pending]", pending)
+        if items:
+            await self._records.written(items[-1])
+        for item in items:
+            if item.error is not None:
+                raise item.error
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -646,6 +646,49 @@ async def test_record_later_of_a_taken_number_fails_its_finish(store: SqlStore) 
     with pytest.raises(Conflict), anyio.fail_after(5):
         await store.finish([taken, after])
     assert [e.data["node"] for e in await store.events(run.id)] == ["a"]
+
+
+async def test_written_events_are_published_in_the_order_written_before_record_returns(
+    store: SqlStore,
+) -> None:
+    runs = [(await store.create_run("brief", 1, None))[0].id for _ in range(3)]
+    published: list[Event] = []
+    calls: list[int] = []
+
+    async def publish(events: Sequence[Event]) -> None:
+        calls.append(len(events))
+        await anyio.lowlevel.checkpoint()  # as a bus that suspends does
+        published.extend(events)
+
+    async def record(run_id: str, seq: int) -> None:
+        event = node_event(run_id, seq, EventType.NODE_STARTED, f"n{seq}")
+        if seq % 3:
+            await store.record(event, publish=publish)
+        else:
+            await store.finish([store.record_later(event, publish=publish)])
+        assert event in published  # published before its caller goes on
+
+    async with anyio.create_task_group() as tg:
+        for seq in range(1, 41):
+            for run_id in runs:
+                tg.start_soon(record, run_id, seq)
+    assert len(published) == 120
+    assert len(calls) < 120  # written together, published together
+    gids = [e.gid for e in published]
+    assert gids == sorted(gids)
+    for run_id in runs:
+        assert [e.seq for e in published if e.run_id == run_id] == list(range(1, 41))
+
+
+async def test_a_failed_publish_fails_its_record_and_the_event_stays_written(store: SqlStore) -> None:
+    run, _ = await store.create_run("brief", 1, None)
+
+    async def publish(events: Sequence[Event]) -> None:
+        raise ConnectionError("the bus is gone")
+
+    with pytest.raises(ConnectionError, match="the bus is gone"):
+        await store.record(node_event(run.id, 1, EventType.NODE_STARTED, "a"), publish=publish)
+    assert [e.seq for e in await store.events(run.id)] == [1]
 
 
 async def test_cancelled_callers_events_are_still_written(open_store: Opener) -> None:

@@ -6,7 +6,7 @@ embedded default) and Postgres (asyncpg); one contract suite tests both.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -14,6 +14,9 @@ from typing import Any, Protocol
 from server.engine.records import NodeExecution, RunState, RunUpdate, Usage
 from server.events import Event
 from server.status import RunStatus
+
+Publish = Callable[[Sequence[Event]], Awaitable[None]]
+"""Where written events go next (an event bus's ``publish_many``)."""
 
 
 @dataclass(slots=True)
@@ -129,13 +132,19 @@ class Store(Protocol):
         ...
 
     # events (the engine's Recorder)
-    async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
-        """Persist the event (assigning ``event.gid``) and the state change, atomically."""
+    async def record(
+        self, event: Event, change: NodeExecution | RunUpdate | None = None, *, publish: Publish | None = None
+    ) -> None:
+        """Persist the event (assigning ``event.gid``) and the state change, atomically; then,
+        with ``publish``, pass it on: events written together are published together, in the
+        order they were written, before their callers go on."""
         ...
 
-    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> object:
+    def record_later(
+        self, event: Event, change: NodeExecution | RunUpdate | None = None, *, publish: Publish | None = None
+    ) -> object:
         """``record`` in two steps: the event takes its place in the order now, ``finish``
-        persists it (see ``LaterRecorder``)."""
+        persists (and publishes) it (see ``LaterRecorder``)."""
         ...
 
     async def finish(self, pending: Sequence[object]) -> None:

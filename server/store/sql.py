@@ -58,7 +58,7 @@ from server.engine.records import NodeExecution, RunState, RunUpdate
 from server.errors import Conflict, NotFound, SetupError
 from server.events import Event, utcnow
 from server.status import EventType, NodeStatus, RunStatus
-from server.store.base import GraphRecord, GraphSummary, RunRecord
+from server.store.base import GraphRecord, GraphSummary, Publish, RunRecord
 from server.store.models import (
     EVENTS,
     GRAPHS,
@@ -134,6 +134,7 @@ class RunIds:
 class _Pending(Pending):
     event: Event
     change: NodeExecution | RunUpdate | None
+    publish: Publish | None = None
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -889,11 +890,15 @@ class SqlStore:
 
     # --- events ---------------------------------------------------------------------------------
 
-    async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
-        await self._records.submit(_Pending(event=event, change=change))
+    async def record(
+        self, event: Event, change: NodeExecution | RunUpdate | None = None, *, publish: Publish | None = None
+    ) -> None:
+        await self._records.submit(_Pending(event=event, change=change, publish=publish))
 
-    def record_later(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> _Pending:
-        item = _Pending(event=event, change=change)
+    def record_later(
+        self, event: Event, change: NodeExecution | RunUpdate | None = None, *, publish: Publish | None = None
+    ) -> _Pending:
+        item = _Pending(event=event, change=change, publish=publish)
         self._records.queue.append(item)
         return item
 
@@ -934,6 +939,7 @@ class SqlStore:
             queue[:] = [p for p in queue if p.event.run_id not in failures]
             for item in later:
                 item.finish(failures[item.event.run_id])
+        await _publish(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         events = [
@@ -1168,6 +1174,22 @@ def _busy(exc: DBAPIError) -> bool:
     """Whether SQLite refused ``exc``'s statement for a lock another connection holds."""
     code = getattr(exc.orig, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+async def _publish(batch: list[_Pending]) -> None:
+    """The events of a batch just written, to their ``publish`` in the order they were written
+    (each run's in its sequence, the feed's in ``gid`` order), before their callers go on: a
+    failure to publish is theirs, as if ``record`` had published after writing."""
+    groups: dict[Publish, list[_Pending]] = {}
+    for item in batch:
+        if item.publish is not None and item.error is None:
+            groups.setdefault(item.publish, []).append(item)
+    for publish, items in groups.items():
+        try:
+            await publish([item.event for item in items])
+        except Exception as exc:
+            for item in items:
+                item.error = exc
 
 
 def _conflict(item: _Pending, exc: Exception) -> Exception:

@@ -28,7 +28,17 @@ import anyio
 import httpx
 
 from bench.client import Connection
-from bench.common import Child, child_env, children, free_port, percentile, spawn, table, wait_healthy
+from bench.common import (
+    Child,
+    child_env,
+    children,
+    cpu_seconds,
+    free_port,
+    percentile,
+    spawn,
+    table,
+    wait_healthy,
+)
 
 CHAIN = "bench-stream3"
 HOLD = "bench-hold"
@@ -92,7 +102,7 @@ async def streamed_round(connections: list[Connection]) -> tuple[list[float], li
     return started, finished
 
 
-async def measure_streamed(url: str, clients: int, rounds: int) -> dict[str, Any]:
+async def measure_streamed(url: str, clients: int, rounds: int, server_pid: int) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         response = await client.put(f"/graphs/{CHAIN}", json=chain_spec())
         response.raise_for_status()
@@ -101,10 +111,12 @@ async def measure_streamed(url: str, clients: int, rounds: int) -> dict[str, Any
         await streamed_round(connections)  # warm-up (and the connections opened)
         started: list[float] = []
         finished: list[float] = []
+        cpu_before = cpu_seconds(server_pid)
         for _ in range(rounds):
             s, f = await streamed_round(connections)
             started += s
             finished += f
+        cpu_after = cpu_seconds(server_pid)
     finally:
         for connection in connections:
             await connection.close()
@@ -115,6 +127,12 @@ async def measure_streamed(url: str, clients: int, rounds: int) -> dict[str, Any
         "rounds": rounds,
         "started_ms": {"p50": percentile(started, 50) * 1e3, "p99": percentile(started, 99) * 1e3},
         "finished_ms": {"p50": percentile(finished, 50) * 1e3, "p99": percentile(finished, 99) * 1e3},
+        # The server's CPU time (every thread) per run: the floor under a burst's latency.
+        "server_cpu_ms_per_run": (
+            None
+            if cpu_before is None or cpu_after is None
+            else (cpu_after - cpu_before) * 1e3 / (clients * rounds)
+        ),
     }
 
 
@@ -197,7 +215,7 @@ async def measure(clients: int, rounds: int, subscribers: int, hold: float) -> d
             url = f"http://127.0.0.1:{port}"
             try:
                 await anyio.to_thread.run_sync(lambda: wait_healthy(url, [api]))
-                results = {"streamed": await measure_streamed(url, clients, rounds)}
+                results = {"streamed": await measure_streamed(url, clients, rounds, api.process.pid)}
                 if subscribers:
                     results["subscribers"] = await measure_fanout(url, subscribers, hold)
             except Exception as exc:
@@ -219,6 +237,12 @@ def report(results: dict[str, Any]) -> str:
             ["POST → workflow.finished", s["finished_ms"]["p50"], s["finished_ms"]["p99"], ""],
         ],
     )
+    cpu = s.get("server_cpu_ms_per_run")
+    if cpu is not None:
+        out += (
+            f"\nserver CPU per run: {cpu:.2f} ms, so {cpu * s['clients']:.0f} ms for a burst of "
+            f"{s['clients']} (every thread; one event loop)"
+        )
     f = results.get("subscribers")
     if f:
         d = f["delivery_ms"]

@@ -22,7 +22,9 @@ Choices where DESIGN.md is silent:
 * An agent runs only once every event recorded before its node started that it may depend on
   (completions, failures, skips) is durable. Its own ``node.started`` may still be committing
   while it runs (a fan-out's branches, with a store that commits in the background); it is
-  durable before anything the node records after it.
+  durable before anything the node records after it. A completion that makes no node ready
+  (a branch before its join, a last node) is committed after the node's task ends, and
+  before the run's ``workflow.finished``.
 """
 
 from __future__ import annotations
@@ -559,19 +561,24 @@ class _Run:
             await self._record_shielded(self.recorder.record(event, change), event)
         self.recorded = max(self.recorded, event.seq)
 
-    def emit_later(self, type: EventType, data: dict[str, Any], change: NodeExecution) -> bool:
+    def emit_later(
+        self, type: EventType, data: dict[str, Any], change: NodeExecution, *, before_agent: bool = True
+    ) -> bool:
         """Number ``data`` and have it recorded by a task of the run (one at a time, finishing
         what was taken meanwhile together), if that can be: a ``LaterRecorder`` that suspends,
-        and every event a node may depend on recorded, so that a node's agent never runs on
-        inputs that are not durable. False if not, and nothing is done.
+        and, ``before_agent`` (a ``node.started``), every event a node may depend on recorded,
+        so that a node's agent never runs on inputs that are not durable. False if not, and
+        nothing is done.
 
         The event takes its place at once, so whatever the run records next is durable only
         after it; should recording it fail, the run stops there as it would in ``emit``."""
-        if self.immediate or self.later is None or self.recorded < self.depended:
+        if self.immediate or self.later is None or (before_agent and self.recorded < self.depended):
             return False
         if self.broken is not None:
             raise self.broken
         self.seq += 1
+        if type not in _NOT_DEPENDED_ON:
+            self.depended = self.seq
         event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
         self.backlog.append((self.later.record_later(event, change), event))
         if not self.finishing:
@@ -874,6 +881,12 @@ class _Run:
         # by then this completion too (``emit_later`` declines while this is not recorded).
         skipped, ready = self.resolve(node.id, decision)
         if not skipped and not self.skipping:
+            # Nothing to start: the completion is recorded after the node's task ends (it is
+            # durable before anything that depends on it runs, and before the run ends).
+            if not ready and self.emit_later(
+                EventType.NODE_COMPLETED, self.completed_data(ex), _snapshot(ex), before_agent=False
+            ):
+                return None
             if len(ready) > 1 and self.later is not None:
                 # A fan-out: this completion is committed first, on its own, then the branches
                 # start, their agents running while their ``node.started`` are recorded.

@@ -933,6 +933,47 @@ async def test_a_node_started_recorded_later_that_fails_stops_the_run() -> None:
 
 
 @pytest.mark.anyio
+async def test_cancelling_a_fan_out_whose_starts_are_still_committing_leaves_no_gap() -> None:
+    branches = [f"b{i}" for i in range(5)]
+    graph = make_graph(
+        {
+            "source": {"agent": "echo"},
+            **{b: {"agent": "gate", "open": [f"ran-{b}"], "wait": "'never'"} for b in branches},
+            "join": {"agent": "echo"},
+        },
+        [{"from": "source", "to": b} for b in branches] + [{"from": b, "to": "join"} for b in branches],
+    )
+    # Commits stop once the source's completion is durable: the branches' starts wait in the
+    # queue (their agents running) when the run is cancelled.
+    recorder = QueuedRecorder(lambda e: e.type == EventType.NODE_COMPLETED and e.data["node"] == "source")
+    tally = Tally()
+    handle = RunHandle()
+    result: list[RunUpdate] = []
+
+    async def run() -> None:
+        update, _ = await run_graph(graph, tally=tally, handle=handle, recorder=recorder)
+        result.append(update)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            for b in branches:
+                await tally.gate(f"ran-{b}").wait()
+            handle.cancel("cancelled by request")
+            await wait_until(lambda: len(recorder.queue) >= 2 * len(branches))  # starts, then ends
+            recorder.release()
+
+    assert result[0].status == RunStatus.CANCELLED
+    assert seqs(recorder) == list(range(1, len(recorder.events) + 1))
+    assert recorder.events[-1].type == EventType.WORKFLOW_FINISHED
+    for b in branches:
+        kinds = [str(e.type) for e in recorder.events if e.data.get("node") == b]
+        assert kinds == ["node.started", "node.failed"], (b, kinds)
+        assert recorder.execution(b).status == NodeStatus.CANCELLED
+    assert tally.calls["join"] == 0
+
+
+@pytest.mark.anyio
 async def test_a_handle_cancelled_before_the_run_cancels_it_at_once() -> None:
     graph = make_graph({"a": {"agent": "echo"}})
     handle = RunHandle()

@@ -1,13 +1,15 @@
 """Distributed throughput: Braid (Postgres + Redis, one API process, two workers) against Celery
 (same Redis, two prefork worker processes), N runs of a 3-node no-op chain each.
 
-    uv run --group bench python -m bench.distributed [--runs 2000] [--concurrency 32]
+    uv run --group bench python -m bench.distributed [--runs 2000] [--concurrency 32] [--watch feed]
 
 Braid: a fresh Postgres database (dropped afterwards) and an empty Redis database (Braid's keys
 deleted afterwards); `python -m server.cli serve` and two `python -m server.cli worker`; runs of
 three `template` nodes submitted through `POST /graphs/{name}/runs` over ``--concurrency`` keep-alive
 connections (``bench.client``: httpx's pool cost more CPU than the API process it measured, on the
-same two cores); completion watched on the `GET /events` feed. Latencies are
+same two cores); completion watched in Postgres (a count of ended runs every 50 ms, as Celery's is seen
+through its result backend; ``--watch feed`` follows the API's `GET /events` feed instead, which costs
+the API process about a third of its CPU). Latencies are
 the run's `started_at` / `finished_at` (server clock, same machine) minus the client's POST time.
 Celery: `chain(noop, noop, noop)` through `celery -A bench.celery_app worker -P prefork
 --concurrency=2`; the finish time is the last task's `date_done`.
@@ -35,6 +37,7 @@ from bench.common import (
     Skipped,
     child_env,
     children,
+    cpu_seconds,
     free_port,
     percentile,
     spawn,
@@ -136,9 +139,9 @@ def delete_keys(db: int, patterns: tuple[str, ...]) -> int:
 # --- Braid ---------------------------------------------------------------------------------------
 
 
-async def drive_braid(url: str, runs: int, concurrency: int) -> dict[str, Any]:
-    """Submit ``runs`` runs from ``concurrency`` connections, wait for all to finish, return the
-    timings."""
+async def drive_braid(url: str, runs: int, concurrency: int, watch: str, database_url: str) -> dict[str, Any]:
+    """Submit ``runs`` runs from ``concurrency`` connections, wait for all to finish (watching
+    the database, or the API's ``/events`` feed), return the timings."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         response = await client.put(f"/graphs/{GRAPH}", json=chain3_spec())
         if response.status_code not in (200, 201):
@@ -167,6 +170,24 @@ async def drive_braid(url: str, runs: int, concurrency: int) -> dict[str, Any]:
             elif event.get("type") == "workflow.finished":
                 finished.add(event["run_id"])
                 check_done()
+
+    async def watch_database() -> None:
+        # Like Celery's result backend: the count of ended runs, read from Postgres every 50 ms
+        # (the feed cost the API process about a third of its CPU, beside the workers it measures).
+        import asyncpg
+
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        try:
+            query = "SELECT count(*) FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled')"
+            before = await conn.fetchval(query)
+            feed_ready.set()
+            while True:
+                await anyio.sleep(0.05)
+                if len(posted) == runs and await conn.fetchval(query) - before >= runs:
+                    finished.update(posted)
+                    check_done()
+        finally:
+            await conn.close()
 
     async def poll_stragglers() -> None:
         # A safety net in case the feed misses something: when it has been quiet for a while, ask
@@ -199,10 +220,11 @@ async def drive_braid(url: str, runs: int, concurrency: int) -> dict[str, Any]:
     first_post = submitted = done_at = 0.0
     waiting = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(follow_feed)
+        tg.start_soon(follow_feed if watch == "feed" else watch_database)
         with anyio.fail_after(10):
             await feed_ready.wait()
-        tg.start_soon(poll_stragglers)
+        if watch == "feed":
+            tg.start_soon(poll_stragglers)
         first_post = time.time()
         async with anyio.create_task_group() as submitters:
             for connection in connections:
@@ -263,7 +285,7 @@ def summary(
     }
 
 
-async def run_braid(runs: int, concurrency: int, folder: Path) -> dict[str, Any]:
+async def run_braid(runs: int, concurrency: int, folder: Path, watch: str = "database") -> dict[str, Any]:
     db_name, database_url = await create_database()
     redis_db = empty_redis_db((1, *range(15, 1, -1)), ("braid:*",))
     port = free_port()
@@ -289,7 +311,10 @@ async def run_braid(runs: int, concurrency: int, folder: Path) -> dict[str, Any]
                 await anyio.to_thread.run_sync(lambda: wait_healthy(url, watched))
                 for worker in workers:
                     worker.check()
-                result = await drive_braid(url, runs, concurrency)
+                before = [cpu_seconds(c.process.pid) for c in watched]
+                result = await drive_braid(url, runs, concurrency, watch, database_url)
+                after = [cpu_seconds(c.process.pid) for c in watched]
+                result["cpu_ms_per_run"] = cpu_per_run(before, after, runs)
             except Exception as exc:
                 logs = "\n".join(f"--- {c.name} (last lines)\n{c.log(1500)}" for c in watched)
                 raise RuntimeError(
@@ -332,6 +357,14 @@ def drive_celery(url: str, runs: int) -> dict[str, Any]:
     last = max(_timestamp(result.date_done) for result, _ in posted)
     client.close()
     return summary(runs, first, submitted, last, observed, [], ended)
+
+
+def cpu_per_run(before: list[float | None], after: list[float | None], runs: int) -> dict[str, float] | None:
+    """The API's and the workers' CPU time per run (every thread); None where /proc does not tell."""
+    if None in before or None in after:
+        return None
+    spent = [(b or 0.0) - (a or 0.0) for a, b in zip(before, after, strict=True)]
+    return {"api": spent[0] * 1e3 / runs, "workers": sum(spent[1:]) * 1e3 / runs}
 
 
 def run_celery(runs: int, folder: Path) -> dict[str, Any]:
@@ -396,13 +429,20 @@ def report(results: dict[str, Any]) -> str:
         "finish p50 ms",
         "finish p99",
     ]
-    out = table("Distributed throughput (3-node chains, 2 worker processes)", headers, rows)
+    watched = {"database": "a count in Postgres", "feed": "the API's /events feed"}[
+        results.get("watch", "feed")
+    ]
+    title = f"Distributed throughput (3-node chains, 2 worker processes; Braid's ends seen through {watched})"
+    out = table(title, headers, rows)
     if "ratio" in results:
         verdict = "≥" if results["braid"]["nodes_per_second"] >= TARGET_NODES_PER_SECOND else "<"
         out += (
             f"\nBraid/Celery runs/s: {results['ratio']:.2f}x   "
             f"Braid durable nodes/s {verdict} {TARGET_NODES_PER_SECOND:,.0f} target"
         )
+    cpu = results.get("braid", {}).get("cpu_ms_per_run")
+    if cpu:
+        out += f"\nBraid CPU per run: API {cpu['api']:.2f} ms, the two workers {cpu['workers']:.2f} ms"
     return out
 
 
@@ -411,11 +451,14 @@ DEFAULT_RUNS = 2000
 last stragglers weigh little."""
 
 
-def measure(runs: int, concurrency: int) -> dict[str, Any]:
+WATCHES = ("database", "feed")
+
+
+def measure(runs: int, concurrency: int, watch: str = "database") -> dict[str, Any]:
     check_services()
-    results: dict[str, Any] = {"runs": runs, "concurrency": concurrency}
+    results: dict[str, Any] = {"runs": runs, "concurrency": concurrency, "watch": watch}
     with tempfile.TemporaryDirectory(prefix="braid-bench-") as folder:
-        results["braid"] = anyio.run(run_braid, runs, concurrency, Path(folder) / "braid")
+        results["braid"] = anyio.run(run_braid, runs, concurrency, Path(folder) / "braid", watch)
         results["celery"] = run_celery(runs, Path(folder) / "celery")
     results["ratio"] = results["braid"]["runs_per_second"] / results["celery"]["runs_per_second"]
     return results
@@ -425,9 +468,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.distributed", description=__doc__)
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
     parser.add_argument("--concurrency", type=int, default=32, help="POST requests in flight at most")
+    parser.add_argument(
+        "--watch",
+        choices=WATCHES,
+        default="database",
+        help="how the end of Braid's runs is seen: a count in Postgres, or the API's /events feed",
+    )
     args = parser.parse_args(argv)
     try:
-        results = measure(args.runs, args.concurrency)
+        results = measure(args.runs, args.concurrency, args.watch)
     except Skipped as exc:
         print(f"distributed: skipped: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

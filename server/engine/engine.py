@@ -548,12 +548,7 @@ class _Run:
         In a node task (``guarded``: not inside a scope of its own, as an agent's ``node.delta``
         is) the shield is the task's guard scope, and the deadline is set only if ``record``
         suspends."""
-        if self.broken is not None:
-            raise self.broken
-        self.seq += 1
-        if type not in _NOT_DEPENDED_ON:
-            self.depended = self.seq
-        event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
+        event = self._next_event(type, data)
         guard = _GUARD.get() if guarded else None
         if guard is not None:
             await self._record_guarded(guard, event, change)
@@ -574,17 +569,21 @@ class _Run:
         after it; should recording it fail, the run stops there as it would in ``emit``."""
         if self.immediate or self.later is None or (before_agent and self.recorded < self.depended):
             return False
-        if self.broken is not None:
-            raise self.broken
-        self.seq += 1
-        if type not in _NOT_DEPENDED_ON:
-            self.depended = self.seq
-        event = Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
+        event = self._next_event(type, data)
         self.backlog.append((self.later.record_later(event, change), event))
         if not self.finishing:
             self.finishing = True
             self.tg.start_soon(self._finish_backlog, self.later, name="braid record later")
         return True
+
+    def _next_event(self, type: EventType, data: dict[str, Any]) -> Event:
+        """``data`` as the run's next event (raising if recording already failed)."""
+        if self.broken is not None:
+            raise self.broken
+        self.seq += 1
+        if type not in _NOT_DEPENDED_ON:
+            self.depended = self.seq
+        return Event(self.info.id, self.seq, type, self.graph.name, data, utcnow())
 
     async def _finish_backlog(self, later: LaterRecorder) -> None:
         try:

@@ -86,6 +86,15 @@ class GroupCommit(Generic[P]):
         if item.error is not None:
             raise item.error
 
+    async def all_written(self, items: list[P]) -> None:
+        """Return once ``items``, queued before in this order, are written; raise the first
+        one's error. Batches are written in order: once the last is written, so are the others."""
+        if items:
+            await self.written(items[-1])
+        for item in items:
+            if item.error is not None:
+                raise item.error
+
     async def _drain(self, own: P) -> None:
         """Write queued items batch by batch until ``own`` is written, then hand over."""
         self._writing = True

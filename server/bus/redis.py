@@ -123,14 +123,9 @@ class RedisBus:
         await self._outbox.submit(_Outgoing(event=event))
 
     async def publish_many(self, events: Sequence[Event]) -> None:
-        if not events:
-            return
         items = [_Outgoing(event=event) for event in events]
         self._outbox.queue.extend(items)
-        await self._outbox.written(items[-1])  # batches go in order: the others are sent too
-        for item in items:
-            if item.error is not None:
-                raise item.error
+        await self._outbox.all_written(items)
 
     async def _send(self, batch: list[_Outgoing]) -> None:
         # A run's stream lives ``unfinished_ttl`` after its last event, ``run_stream_ttl`` after its

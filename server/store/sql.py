@@ -903,13 +903,7 @@ class SqlStore:
         return item
 
     async def finish(self, pending: Sequence[object]) -> None:
-        # Batches are written in order: once the last is written, so are the others.
-        items = cast("Sequence[_Pending]", pending)
-        if items:
-            await self._records.written(items[-1])
-        for item in items:
-            if item.error is not None:
-                raise item.error
+        await self._records.all_written(cast("list[_Pending]", list(pending)))
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:

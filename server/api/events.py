@@ -18,10 +18,9 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Protocol, cast
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 from litestar import Response, get
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
@@ -56,7 +55,18 @@ closing or broken); its client reconnects and resumes by id."""
 FEED_SEEN = 4096
 """How many recently sent global ids a feed remembers, to drop duplicates that arrive late."""
 
-Frames = MemoryObjectSendStream[ServerSentEvent]
+BODY_LIMIT = 64 * 1024
+"""Bytes of frames a stream may hold unsent before its sender waits for the client."""
+
+
+class Frames(Protocol):
+    """Where a stream's sender puts its frames: the response's ``Body``, or a memory stream."""
+
+    def send_nowait(self, item: ServerSentEvent, /) -> None: ...
+
+    async def send(self, item: ServerSentEvent, /) -> None: ...
+
+
 Dispatch = Callable[[], Awaitable[None]]
 
 
@@ -91,6 +101,71 @@ async def _send(out: Frames, frame: ServerSentEvent) -> None:
         await out.send(frame)
 
 
+class Body:
+    """An SSE response's body: the frames the stream's sender queued, each time the response
+    asks for more all of them joined into one chunk, so the events of one commit reach the
+    client in one write under one send timeout rather than one each. The sender waits while
+    ``BODY_LIMIT`` bytes are unsent (a client that reads nothing is cut off by the response's
+    send timeout)."""
+
+    def __init__(self, limit: int = BODY_LIMIT) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._closed = False
+        self._more: asyncio.Future[None] | None = None  # the response, waiting for frames
+        self._room: asyncio.Future[None] | None = None  # the sender, waiting for the client
+
+    def send_nowait(self, item: ServerSentEvent, /) -> None:
+        """Queue a frame; ``anyio.WouldBlock`` while the body is full."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._size >= self._limit:
+            raise anyio.WouldBlock
+        chunk = item.encode()
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        _wake(self._more)
+
+    async def send(self, item: ServerSentEvent, /) -> None:
+        """Queue a frame once the client has taken enough of the earlier ones."""
+        while self._size >= self._limit and not self._closed:
+            self._room = asyncio.get_running_loop().create_future()
+            try:
+                await self._room
+            finally:
+                self._room = None
+        self.send_nowait(item)
+
+    def close(self) -> None:
+        """No more frames: the response sends what is queued, then ends."""
+        self._closed = True
+        _wake(self._more)
+        _wake(self._room)
+
+    def __aiter__(self) -> Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._chunks:
+            if self._closed:
+                raise StopAsyncIteration
+            self._more = asyncio.get_running_loop().create_future()
+            try:
+                await self._more
+            finally:
+                self._more = None
+        chunks = self._chunks
+        self._chunks, self._size = [], 0
+        _wake(self._room)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class _Shutdown:
     """The ``shutdown_event`` sse-starlette sets when the server shuts down: it cancels the
     stream's sender at once, so the stream ends cleanly (a task waiting on an ``anyio.Event``
@@ -110,22 +185,24 @@ def _sse(produce: Callable[[Frames], Awaitable[None]], ping: float | None = None
     """An SSE response whose frames ``produce`` sends from a task of the response's own task group
     (cancelled when the client goes away; the stream ends when ``produce`` returns, or cleanly at
     server shutdown so that clients reconnect and resume by id)."""
-    send, receive = anyio.create_memory_object_stream[ServerSentEvent](16)
+    body = Body()
     shutdown = _Shutdown()
 
     async def sender() -> None:
-        async with send:
+        try:
             with anyio.CancelScope() as shutdown.scope:
                 if shutdown.called:
                     shutdown.scope.cancel()
                 try:
-                    await produce(send)
+                    await produce(body)
                 except Exception:
                     # The client sees the stream end and resumes by id.
                     log.exception("event stream failed")
+        finally:
+            body.close()
 
     return EventSourceResponse(
-        receive,
+        body,
         data_sender_callable=sender,
         ping=ping_seconds() if ping is None else ping,
         send_timeout=SEND_TIMEOUT_SECONDS,

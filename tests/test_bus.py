@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from server.bus.base import SubscriberTooSlow, Subscription
 from server.bus.memory import MemoryBus
 from server.bus.redis import RedisBus
+from server.errors import Unavailable
 from server.events import Event
 from server.keys import Keys
 from server.queue.redis import connect
@@ -233,3 +236,89 @@ async def test_redis_publishes_a_batch_in_order_and_after_redis_forgot_its_scrip
         await bus.publish(event("a", 3, EventType.WORKFLOW_FINISHED, status="succeeded"))
         assert [e.seq for e in await receive(feed, 1)] == [3]
         assert 0 < await redis.ttl(redis_backend.keys.run_events("a")) <= 60
+
+
+@pytest.mark.anyio
+async def test_redis_subscriptions_of_one_stream_share_one_reader(redis_backend: Backend) -> None:
+    """More SSE clients of one run (and of the feed) than redis-py's pool has connections (100):
+    each stream is read once for all of them, so every one subscribes and gets every event."""
+    api, worker = redis_backend.bus(), redis_backend.bus()
+    count = 150
+    async with AsyncExitStack() as stack:
+        runs = [await stack.enter_async_context(api.subscribe("a")) for _ in range(count)]
+        feeds = [await stack.enter_async_context(api.subscribe(None)) for _ in range(count)]
+
+        sent = [event("a", 1), event("a", 2)]
+        await worker.publish_many(sent)
+
+        for subscription in runs + feeds:
+            assert await receive(subscription, 2) == sent
+        assert isinstance(api, RedisBus)
+        assert api.reader_count == 2
+    assert api.reader_count == 0
+
+
+@pytest.mark.anyio
+async def test_redis_reader_is_handed_over_when_its_subscription_leaves(redis_backend: Backend) -> None:
+    api, worker = redis_backend.bus(), redis_backend.bus()
+    assert isinstance(api, RedisBus)
+    reading, leave = anyio.Event(), anyio.Event()
+
+    async def first() -> None:
+        async with api.subscribe("a") as subscription:  # alone: the reader runs in its task
+            await worker.publish(event("a", 1))
+            assert [e.seq for e in await receive(subscription, 1)] == [1]
+            reading.set()
+            await leave.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await reading.wait()
+        async with api.subscribe("a") as stays:
+            leave.set()  # the reader's subscription leaves; this one takes over from where it was
+            await worker.publish(event("a", 2))
+            await worker.publish_many([event("a", 3), event("a", 4)])
+
+            assert [e.seq for e in await receive(stays, 3)] == [2, 3, 4]
+            assert api.reader_count == 1
+
+
+@pytest.mark.anyio
+async def test_redis_joining_a_reader_misses_nothing_published_after_subscribe(
+    redis_backend: Backend,
+) -> None:
+    api, worker = redis_backend.bus(), redis_backend.bus()
+    async with api.subscribe("a") as early:
+        await worker.publish(event("a", 1))
+        assert [e.seq for e in await receive(early, 1)] == [1]
+        for seq in range(2, 12):
+            async with api.subscribe("a") as late:
+                await worker.publish(event("a", seq))  # right after subscribe returned
+                assert [e.seq for e in await receive(late, 1)] == [seq]
+        assert [e.seq for e in await receive(early, 10)] == list(range(2, 12))
+
+
+@pytest.mark.anyio
+async def test_redis_away_every_subscription_waiting_on_the_first_fails_unavailable() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bus = RedisBus(f"redis://127.0.0.1:{port}/0", prefix="braid-test-away", block_ms=500)
+    outcomes: list[str] = []
+
+    async def subscribe() -> None:
+        try:
+            async with bus.subscribe("a"):
+                outcomes.append("subscribed")
+        except Unavailable:
+            outcomes.append("unavailable")
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):  # the first reads the starting point, the others wait for it
+                    tg.start_soon(subscribe)
+    finally:
+        await bus.close()
+    assert outcomes == ["unavailable"] * 3
+    assert bus.subscriber_count == 0

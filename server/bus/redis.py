@@ -3,9 +3,13 @@ every run's live events.
 
 Each event is appended to its run's stream (``{prefix}:events:{run_id}``, which expires a while
 after the run finished; the database keeps the history) and to the global feed
-(``{prefix}:events``, trimmed to an approximate length). A subscription fixes its starting point
-(the stream's last entry id) before ``subscribe`` returns, then one reader task per subscription
-reads onward from the last id it saw with ``XREAD BLOCK``.
+(``{prefix}:events``, trimmed to an approximate length). The subscriptions of one stream in a
+process share one reader, which reads onward from the last id it saw with ``XREAD BLOCK`` and
+hands each event (decoded once) to all of them: a thousand SSE clients of one run hold one Redis
+connection, not a thousand (redis-py's pool allows a hundred). A subscription's starting point is
+fixed before ``subscribe`` returns: the stream's last entry id for the first subscription, else
+the entry the shared reader last handed out. The reader runs in the task of one of its
+subscriptions; when that one leaves, another takes over from the same id.
 """
 
 from __future__ import annotations
@@ -112,8 +116,9 @@ class RedisBus:
         self.backoff_cap = backoff_cap
         self.subscriber_count = 0
         self.reader_count = 0
-        """Reader tasks running (one per subscription while it is open)."""
+        """Readers running: one per stream that has subscriptions in this process."""
         self._buffers: set[Buffer] = set()
+        self._streams: dict[str, _Followed] = {}
         self._outbox = GroupCommit[_Outgoing](self._send, PUBLISH_BATCH)
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
 
@@ -149,14 +154,15 @@ class RedisBus:
     @asynccontextmanager
     async def subscribe(self, run_id: str | None = None) -> AsyncGenerator[Buffer, None]:
         key = self.keys.events if run_id is None else self.keys.run_events(run_id)
-        start = await self._last_id(key)
+        followed = await self._follow(key)
         buffer = Buffer(self.buffer_size)
+        followed.buffers.add(buffer)
         self._buffers.add(buffer)
         self.subscriber_count += 1
         failure: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read, key, start, buffer)
+                tg.start_soon(self._take_turns, followed, buffer)
                 try:
                     yield buffer
                 except Exception as exc:
@@ -168,6 +174,9 @@ class RedisBus:
         finally:
             self.subscriber_count -= 1
             self._buffers.discard(buffer)
+            followed.buffers.discard(buffer)
+            if not followed.buffers and self._streams.get(key) is followed:
+                del self._streams[key]
             buffer.close()
 
     async def close(self) -> None:
@@ -176,6 +185,31 @@ class RedisBus:
         if self._owns_client:
             await self.redis.aclose()
 
+    async def _follow(self, key: str) -> _Followed:
+        """The shared reader of ``key``, its starting point fixed (a subscription that joins a
+        reader already reading gets everything it hands out from then on, so it joins at once)."""
+        while True:
+            followed = self._streams.get(key)
+            if followed is None:
+                followed = self._streams[key] = _Followed(key)
+                try:
+                    followed.last = await self._last_id(key)
+                except BaseException as exc:
+                    if self._streams.get(key) is followed:
+                        del self._streams[key]
+                    followed.failure = exc if isinstance(exc, Unavailable) else None
+                    raise
+                finally:
+                    followed.ready.set()
+                return followed
+            if followed.last is None:
+                await followed.ready.wait()
+                if followed.last is None:
+                    if followed.failure is not None:
+                        raise Unavailable(str(followed.failure))
+                    continue  # the first subscription was cancelled before it got there
+            return followed
+
     async def _last_id(self, key: str) -> str:
         try:
             last = await self.redis.xrevrange(key, "+", "-", count=1)
@@ -183,31 +217,74 @@ class RedisBus:
             raise Unavailable(f"Redis is unavailable ({exc}); try again shortly") from exc
         return text(last[0][0]) if last else "0-0"
 
-    async def _read(self, key: str, last: str, buffer: Buffer) -> None:
+    async def _take_turns(self, followed: _Followed, buffer: Buffer) -> None:
+        """Read ``followed`` for every subscription to it while no other subscription's task
+        does; otherwise wait for that one to stop (it left), then take over."""
+        while buffer.dropped is None:
+            if followed.reading:
+                handed_over = followed.handed_over
+                await handed_over.wait()
+                continue
+            followed.reading = True
+            try:
+                await self._read(followed)
+            finally:
+                followed.reading = False
+                followed.handed_over.set()
+                followed.handed_over = anyio.Event()
+            return
+
+    async def _read(self, followed: _Followed) -> None:
+        """Hand each entry after ``followed.last`` to every subscription of the stream, until
+        none is left or the stream cannot be read any more (every subscription then ends)."""
         self.reader_count += 1
         try:
             failures = 0
-            while buffer.dropped is None:
+            while followed.buffers:
+                last = followed.last
+                assert last is not None
                 try:
-                    response = await self.redis.xread({key: last}, count=500, block=self.block_ms)
+                    response = await self.redis.xread({followed.key: last}, count=500, block=self.block_ms)
                 except TRANSIENT as exc:
                     failures += 1
                     delay = min(self.backoff_cap, 0.1 * 2 ** min(failures, 16))
-                    log.warning("redis unavailable while reading %s (%s); retrying in %.1fs", key, exc, delay)
+                    log.warning(
+                        "redis unavailable while reading %s (%s); retrying in %.1fs", followed.key, exc, delay
+                    )
                     await anyio.sleep(delay)
                     continue
                 except RedisError as exc:
-                    buffer.end(f"lost its event stream ({exc})")
+                    if self._streams.get(followed.key) is followed:
+                        del self._streams[followed.key]  # later subscriptions start afresh
+                    for buffer in list(followed.buffers):
+                        buffer.end(f"lost its event stream ({exc})")
+                    followed.buffers.clear()
                     return
                 failures = 0
                 for entry_id, fields in stream_entries(response):
-                    last = entry_id
+                    followed.last = entry_id
                     try:
                         event = decode(fields or {})
                     except (KeyError, ValueError) as exc:
-                        log.warning("skipping unreadable event %s in %s: %s", entry_id, key, exc)
+                        log.warning("skipping unreadable event %s in %s: %s", entry_id, followed.key, exc)
                         continue
-                    if not buffer.offer(event):
-                        return
+                    for buffer in list(followed.buffers):
+                        if not buffer.offer(event):
+                            followed.buffers.discard(buffer)
         finally:
             self.reader_count -= 1
+
+
+class _Followed:
+    """One stream's subscriptions in this process, and where their shared reader is."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.last: str | None = None
+        """The id of the last entry handed out (at first, the stream's last id): None until
+        the first subscription has read it."""
+        self.ready = anyio.Event()
+        self.failure: Unavailable | None = None
+        self.buffers: set[Buffer] = set()
+        self.reading = False
+        self.handed_over = anyio.Event()

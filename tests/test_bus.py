@@ -322,3 +322,17 @@ async def test_redis_away_every_subscription_waiting_on_the_first_fails_unavaila
         await bus.close()
     assert outcomes == ["unavailable"] * 3
     assert bus.subscriber_count == 0
+
+
+@pytest.mark.anyio
+async def test_redis_more_runs_followed_at_once_than_redis_pys_default_pool(redis_backend: Backend) -> None:
+    """Each run streamed at once holds a connection in XREAD BLOCK: 150 of them (redis-py's
+    default pool refused the 101st) all subscribe and get their run's event."""
+    api, worker = redis_backend.bus(), redis_backend.bus()
+    count = 150
+    async with AsyncExitStack() as stack:
+        subscriptions = [await stack.enter_async_context(api.subscribe(f"run{i}")) for i in range(count)]
+        await worker.publish_many([event(f"run{i}", 1) for i in range(count)])
+
+        for i, subscription in enumerate(subscriptions):
+            assert [(e.run_id, e.seq) for e in await receive(subscription, 1)] == [(f"run{i}", 1)]

@@ -39,6 +39,11 @@ log = logging.getLogger("braid.bus")
 PUBLISH_BATCH = 256
 """Events sent in one pipeline at most."""
 
+MAX_CONNECTIONS = 5000
+"""The bus client's pool: each stream followed in this process holds a connection in ``XREAD
+BLOCK`` (the SSE clients of one run share it), so redis-py's default of 100 would refuse the
+101st run streamed at once. Redis itself takes 10,000 clients by default (``maxclients``)."""
+
 
 PUBLISH_SCRIPT = """
 local maxlen = ARGV[1]
@@ -103,7 +108,9 @@ class RedisBus:
     ) -> None:
         self._owns_client = isinstance(redis, str)
         self.redis: Redis = (
-            connect(redis, block_ms=block_ms, name=client_name(f"{prefix}-bus"))
+            connect(
+                redis, block_ms=block_ms, name=client_name(f"{prefix}-bus"), max_connections=MAX_CONNECTIONS
+            )
             if isinstance(redis, str)
             else redis
         )

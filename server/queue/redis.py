@@ -42,13 +42,17 @@ return 0
 """Extend a lock's time to live, if the caller (ARGV[1]) still holds it."""
 
 
-def connect(url: str, *, block_ms: int = 2000, name: str | None = None) -> Redis:
+def connect(
+    url: str, *, block_ms: int = 2000, name: str | None = None, max_connections: int | None = None
+) -> Redis:
     """A client for Braid's Redis: decoded responses, a socket timeout longer than any blocking
     read of ``block_ms``, and retries with exponential backoff on connection errors. ``name``
-    shows in ``CLIENT LIST``."""
+    shows in ``CLIENT LIST``; ``max_connections`` caps its pool (redis-py's default is 100, and
+    a pool that is full refuses at once)."""
     return Redis.from_url(
         url,
         client_name=name,
+        max_connections=max_connections,
         decode_responses=True,
         socket_timeout=block_ms / 1000 + 5,
         socket_connect_timeout=5,

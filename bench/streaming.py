@@ -1,6 +1,7 @@
 """Streaming: how fast an embedded `braid serve` (SQLite) gets events to SSE clients.
 
     uv run --group bench python -m bench.streaming [--clients 60] [--rounds 3] [--subscribers 1000]
+        [--distributed]
 
 1. ``--clients`` runs of a 3-node chain started at once (the server executing all of them at
    once: BRAID_WORKER_CONCURRENCY is at least ``--clients``), each with ``POST /graphs/{name}/runs
@@ -10,6 +11,10 @@
    then a template node): the delay from each ``node.completed`` event's ``at`` to its receipt,
    counted for subscribers connected before the event. The clients share the machine (and one
    event loop), so their own lag is in the figure.
+
+With ``--distributed`` the server is one API process (``braid serve``) and one ``braid worker`` on
+Postgres and Redis (a fresh database and an empty Redis database, as ``bench.distributed`` uses),
+so the SSE streams are fed through Redis; the CPU a run is then the two processes' together.
 
 The clients are ``bench.client`` connections (keep-alive HTTP/1.1, parsed by httptools), not
 httpx: httpx cost about as much CPU per streamed run as the server, on the same two cores.
@@ -29,6 +34,7 @@ import httpx
 
 from bench.client import Connection
 from bench.common import (
+    REDIS_URL,
     Child,
     child_env,
     children,
@@ -102,7 +108,12 @@ async def streamed_round(connections: list[Connection]) -> tuple[list[float], li
     return started, finished
 
 
-async def measure_streamed(url: str, clients: int, rounds: int, server_pid: int) -> dict[str, Any]:
+def _cpu(pids: list[int]) -> float | None:
+    seconds = [cpu_seconds(pid) for pid in pids]
+    return None if any(s is None for s in seconds) else sum(s for s in seconds if s is not None)
+
+
+async def measure_streamed(url: str, clients: int, rounds: int, server_pids: list[int]) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         response = await client.put(f"/graphs/{CHAIN}", json=chain_spec())
         response.raise_for_status()
@@ -111,12 +122,12 @@ async def measure_streamed(url: str, clients: int, rounds: int, server_pid: int)
         await streamed_round(connections)  # warm-up (and the connections opened)
         started: list[float] = []
         finished: list[float] = []
-        cpu_before = cpu_seconds(server_pid)
+        cpu_before = _cpu(server_pids)
         for _ in range(rounds):
             s, f = await streamed_round(connections)
             started += s
             finished += f
-        cpu_after = cpu_seconds(server_pid)
+        cpu_after = _cpu(server_pids)
     finally:
         for connection in connections:
             await connection.close()
@@ -195,42 +206,85 @@ async def measure_fanout(url: str, subscribers: int, hold: float) -> dict[str, A
 # --- the server ----------------------------------------------------------------------------------
 
 
-async def measure(clients: int, rounds: int, subscribers: int, hold: float) -> dict[str, Any]:
+async def measure(
+    clients: int, rounds: int, subscribers: int, hold: float, distributed: bool = False
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="braid-bench-") as name:
         folder = Path(name)
         (folder / "examples").mkdir()
         (folder / "prompts").mkdir()
         port = free_port()
-        env = child_env(
-            BRAID_DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'bench.db'}",
-            BRAID_HOST="127.0.0.1",
-            BRAID_PORT=str(port),
-            BRAID_EXAMPLES_DIR=str(folder / "examples"),
-            BRAID_PROMPTS_DIR=str(folder / "prompts"),
+        settings = {
+            "BRAID_HOST": "127.0.0.1",
+            "BRAID_PORT": str(port),
+            "BRAID_EXAMPLES_DIR": str(folder / "examples"),
+            "BRAID_PROMPTS_DIR": str(folder / "prompts"),
             # Every one of the concurrent runs executes at once (the default, 32, would queue the rest).
-            BRAID_WORKER_CONCURRENCY=str(worker_concurrency(clients)),
+            "BRAID_WORKER_CONCURRENCY": str(worker_concurrency(clients)),
+        }
+        if not distributed:
+            env = child_env(BRAID_DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'bench.db'}", **settings)
+            return await _measure_server(env, folder, port, clients, rounds, subscribers, hold, workers=0)
+        from bench.distributed import (
+            check_services,
+            create_database,
+            delete_keys,
+            drop_database,
+            empty_redis_db,
         )
-        with children() as started:
-            api: Child = spawn(started, "api", ["-m", "server.cli", "serve"], folder, env)
-            url = f"http://127.0.0.1:{port}"
-            try:
-                await anyio.to_thread.run_sync(lambda: wait_healthy(url, [api]))
-                results = {"streamed": await measure_streamed(url, clients, rounds, api.process.pid)}
-                if subscribers:
-                    results["subscribers"] = await measure_fanout(url, subscribers, hold)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"the streaming benchmark failed: {exc}\n--- api\n{api.log(2000)}"
-                ) from exc
+
+        check_services()
+        db_name, database_url = await create_database()
+        redis_db = empty_redis_db((1, *range(15, 1, -1)), ("braid:*",))
+        env = child_env(
+            BRAID_DATABASE_URL=database_url, BRAID_REDIS_URL=f"{REDIS_URL}/{redis_db}", **settings
+        )
+        try:
+            results = await _measure_server(env, folder, port, clients, rounds, subscribers, hold, workers=1)
+        finally:
+            await drop_database(db_name)
+            delete_keys(redis_db, ("braid:*",))
+        return results | {"mode": "distributed: 1 API process, 1 worker, Postgres + Redis"}
+
+
+async def _measure_server(
+    env: dict[str, str],
+    folder: Path,
+    port: int,
+    clients: int,
+    rounds: int,
+    subscribers: int,
+    hold: float,
+    *,
+    workers: int,
+) -> dict[str, Any]:
+    with children() as started:
+        api: Child = spawn(started, "api", ["-m", "server.cli", "serve"], folder, env)
+        processes = [api] + [
+            spawn(started, f"worker{i}", ["-m", "server.cli", "worker"], folder, env)
+            for i in range(1, workers + 1)
+        ]
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await anyio.to_thread.run_sync(lambda: wait_healthy(url, processes))
+            pids = [p.process.pid for p in processes]
+            results: dict[str, Any] = {"mode": "embedded: one braid serve, SQLite"}
+            results["streamed"] = await measure_streamed(url, clients, rounds, pids)
+            if subscribers:
+                results["subscribers"] = await measure_fanout(url, subscribers, hold)
+        except Exception as exc:
+            logs = "\n".join(f"--- {p.name}\n{p.log(2000)}" for p in processes)
+            raise RuntimeError(f"the streaming benchmark failed: {exc}\n{logs}") from exc
     return results
 
 
 def report(results: dict[str, Any]) -> str:
     s = results["streamed"]
+    mode = results.get("mode", "embedded")
     verdict = "yes" if s["started_ms"]["p99"] < TARGET_STARTED_P99_MS else "no"
     out = table(
-        f"Streaming: {s['clients']} concurrent runs, POST ?stream=true ({s['rounds']} rounds, "
-        f"BRAID_WORKER_CONCURRENCY={s['worker_concurrency']}), ms at the client",
+        f"Streaming ({mode}): {s['clients']} concurrent runs, POST ?stream=true ({s['rounds']} "
+        f"rounds, BRAID_WORKER_CONCURRENCY={s['worker_concurrency']}), ms at the client",
         ["measure", "p50", "p99", f"p99 < {TARGET_STARTED_P99_MS:g}"],
         [
             ["POST → workflow.started", s["started_ms"]["p50"], s["started_ms"]["p99"], verdict],
@@ -241,7 +295,7 @@ def report(results: dict[str, Any]) -> str:
     if cpu is not None:
         out += (
             f"\nserver CPU per run: {cpu:.2f} ms, so {cpu * s['clients']:.0f} ms for a burst of "
-            f"{s['clients']} (every thread; one event loop)"
+            f"{s['clients']} (every thread of the server's processes)"
         )
     f = results.get("subscribers")
     if f:
@@ -271,8 +325,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--hold", type=float, default=10.0, help="seconds the subscribed run waits first")
+    parser.add_argument(
+        "--distributed", action="store_true", help="an API process and a worker on Postgres + Redis"
+    )
     args = parser.parse_args(argv)
-    results = anyio.run(measure, args.clients, args.rounds, args.subscribers, args.hold)
+    results = anyio.run(measure, args.clients, args.rounds, args.subscribers, args.hold, args.distributed)
     print(report(results), flush=True)
     return results
 

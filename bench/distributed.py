@@ -22,6 +22,9 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -285,21 +288,45 @@ def summary(
     }
 
 
-async def run_braid(runs: int, concurrency: int, folder: Path, watch: str = "database") -> dict[str, Any]:
+@dataclass
+class BraidServices:
+    """A fresh Postgres database and an empty Redis database for one Braid deployment."""
+
+    database_url: str
+    redis_db: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Their settings for Braid's processes."""
+        return {"BRAID_DATABASE_URL": self.database_url, "BRAID_REDIS_URL": f"{REDIS_URL}/{self.redis_db}"}
+
+
+@asynccontextmanager
+async def braid_services() -> AsyncIterator[BraidServices]:
+    """``BraidServices``, the database dropped and Braid's Redis keys deleted afterwards."""
     db_name, database_url = await create_database()
-    redis_db = empty_redis_db((1, *range(15, 1, -1)), ("braid:*",))
+    try:
+        redis_db = empty_redis_db((1, *range(15, 1, -1)), ("braid:*",))
+        try:
+            yield BraidServices(database_url, redis_db)
+        finally:
+            delete_keys(redis_db, ("braid:*",))
+    finally:
+        await drop_database(db_name)
+
+
+async def run_braid(runs: int, concurrency: int, folder: Path, watch: str = "database") -> dict[str, Any]:
     port = free_port()
-    env = child_env(
-        BRAID_DATABASE_URL=database_url,
-        BRAID_REDIS_URL=f"{REDIS_URL}/{redis_db}",
-        BRAID_HOST="127.0.0.1",
-        BRAID_PORT=str(port),
-        BRAID_EXAMPLES_DIR=str(folder / "examples"),
-        BRAID_PROMPTS_DIR=str(folder / "prompts"),
-    )
     (folder / "examples").mkdir(parents=True, exist_ok=True)
     (folder / "prompts").mkdir(parents=True, exist_ok=True)
-    try:
+    async with braid_services() as services:
+        env = child_env(
+            BRAID_HOST="127.0.0.1",
+            BRAID_PORT=str(port),
+            BRAID_EXAMPLES_DIR=str(folder / "examples"),
+            BRAID_PROMPTS_DIR=str(folder / "prompts"),
+            **services.env,
+        )
         with children() as started:
             api = spawn(started, "api", ["-m", "server.cli", "serve"], folder, env)
             workers = [
@@ -312,7 +339,7 @@ async def run_braid(runs: int, concurrency: int, folder: Path, watch: str = "dat
                 for worker in workers:
                     worker.check()
                 before = [cpu_seconds(c.process.pid) for c in watched]
-                result = await drive_braid(url, runs, concurrency, watch, database_url)
+                result = await drive_braid(url, runs, concurrency, watch, services.database_url)
                 after = [cpu_seconds(c.process.pid) for c in watched]
                 result["cpu_ms_per_run"] = cpu_per_run(before, after, runs)
             except Exception as exc:
@@ -320,10 +347,7 @@ async def run_braid(runs: int, concurrency: int, folder: Path, watch: str = "dat
                 raise RuntimeError(
                     f"Braid's distributed mode did not complete the benchmark: {exc}\n{logs}"
                 ) from exc
-        return result | {"redis_db": redis_db}
-    finally:
-        await drop_database(db_name)
-        delete_keys(redis_db, ("braid:*",))
+        return result | {"redis_db": services.redis_db}
 
 
 # --- Celery --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Streaming: how fast an embedded `braid serve` (SQLite) gets events to SSE clients.
+"""Streaming: how fast Braid gets events to SSE clients (an embedded `braid serve` on SQLite, or
+with ``--distributed`` an API process and a worker on Postgres + Redis).
 
     uv run --group bench python -m bench.streaming [--clients 60] [--rounds 3] [--subscribers 1000]
         [--distributed]
@@ -23,6 +24,7 @@ httpx: httpx cost about as much CPU per streamed run as the server, on the same 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from datetime import datetime
@@ -34,8 +36,8 @@ import httpx
 
 from bench.client import Connection
 from bench.common import (
-    REDIS_URL,
     Child,
+    Skipped,
     child_env,
     children,
     cpu_seconds,
@@ -45,6 +47,7 @@ from bench.common import (
     table,
     wait_healthy,
 )
+from bench.distributed import braid_services, check_services
 
 CHAIN = "bench-stream3"
 HOLD = "bench-hold"
@@ -224,27 +227,13 @@ async def measure(
         }
         if not distributed:
             env = child_env(BRAID_DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'bench.db'}", **settings)
-            return await _measure_server(env, folder, port, clients, rounds, subscribers, hold, workers=0)
-        from bench.distributed import (
-            check_services,
-            create_database,
-            delete_keys,
-            drop_database,
-            empty_redis_db,
-        )
-
+            results = await _measure_server(env, folder, port, clients, rounds, subscribers, hold, workers=0)
+            return {"mode": "embedded: one braid serve, SQLite", **results}
         check_services()
-        db_name, database_url = await create_database()
-        redis_db = empty_redis_db((1, *range(15, 1, -1)), ("braid:*",))
-        env = child_env(
-            BRAID_DATABASE_URL=database_url, BRAID_REDIS_URL=f"{REDIS_URL}/{redis_db}", **settings
-        )
-        try:
+        async with braid_services() as services:
+            env = child_env(**services.env, **settings)
             results = await _measure_server(env, folder, port, clients, rounds, subscribers, hold, workers=1)
-        finally:
-            await drop_database(db_name)
-            delete_keys(redis_db, ("braid:*",))
-        return results | {"mode": "distributed: 1 API process, 1 worker, Postgres + Redis"}
+        return {"mode": "distributed: 1 API process, 1 worker, Postgres + Redis", **results}
 
 
 async def _measure_server(
@@ -268,8 +257,7 @@ async def _measure_server(
         try:
             await anyio.to_thread.run_sync(lambda: wait_healthy(url, processes))
             pids = [p.process.pid for p in processes]
-            results: dict[str, Any] = {"mode": "embedded: one braid serve, SQLite"}
-            results["streamed"] = await measure_streamed(url, clients, rounds, pids)
+            results: dict[str, Any] = {"streamed": await measure_streamed(url, clients, rounds, pids)}
             if subscribers:
                 results["subscribers"] = await measure_fanout(url, subscribers, hold)
         except Exception as exc:
@@ -329,7 +317,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--distributed", action="store_true", help="an API process and a worker on Postgres + Redis"
     )
     args = parser.parse_args(argv)
-    results = anyio.run(measure, args.clients, args.rounds, args.subscribers, args.hold, args.distributed)
+    try:
+        results = anyio.run(measure, args.clients, args.rounds, args.subscribers, args.hold, args.distributed)
+    except Skipped as exc:
+        print(f"streaming: skipped: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(report(results), flush=True)
     return results
 

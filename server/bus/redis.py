@@ -227,19 +227,17 @@ class RedisBus:
     async def _take_turns(self, followed: _Followed, buffer: Buffer) -> None:
         """Read ``followed`` for every subscription to it while no other subscription's task
         does; otherwise wait for that one to stop (it left), then take over."""
-        while buffer.dropped is None:
-            if followed.reading:
-                handed_over = followed.handed_over
-                await handed_over.wait()
-                continue
-            followed.reading = True
-            try:
-                await self._read(followed)
-            finally:
-                followed.reading = False
-                followed.handed_over.set()
-                followed.handed_over = anyio.Event()
-            return
+        while followed.reading:
+            await followed.handed_over.wait()
+            if buffer.dropped is not None:
+                return  # this subscription is ending: it reads for nobody
+        followed.reading = True
+        try:
+            await self._read(followed)
+        finally:
+            followed.reading = False
+            followed.handed_over.set()
+            followed.handed_over = anyio.Event()
 
     async def _read(self, followed: _Followed) -> None:
         """Hand each entry after ``followed.last`` to every subscription of the stream, until

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import importlib.util
 import json
 import os
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import httpx
 
+from server import collector
 from server.config import Settings, check_folders
 from server.errors import SettingsError, ValidationFailed
 
@@ -95,8 +95,12 @@ def serve(args: argparse.Namespace) -> int:
     )
     workers = (not settings.distributed) if args.workers is None else bool(args.workers)
     print(banner(settings, workers), flush=True)
+    app = create_app(settings, workers=workers)
+    # What opening the Braid made (connections, caches, modules imported on first use) is frozen
+    # too, once the app has started.
+    app.on_startup.append(collector.freeze)
     config = uvicorn.Config(
-        create_app(settings, workers=workers),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",
@@ -105,17 +109,9 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: make that a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    freeze_startup_objects()
+    collector.tune()
     server.run()
     return 0 if server.started else 1
-
-
-def freeze_startup_objects() -> None:
-    """Move what start-up made (modules, classes, the app) out of the garbage collector's reach:
-    a full collection then walks only what runs create, instead of pausing the event loop for
-    100 ms or more to walk every object of Litestar, SQLAlchemy and pydantic as well."""
-    gc.collect()
-    gc.freeze()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -141,7 +137,7 @@ def worker(args: argparse.Namespace) -> int:
     load_registry(settings)
     # uvloop when installed (uvicorn's standard extra brings it), as `braid serve` runs on it:
     # a worker's time is mostly event-loop work (Redis, Postgres, the engine's tasks).
-    freeze_startup_objects()
+    collector.tune()
     anyio.run(_work, settings, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})
     return 0
 

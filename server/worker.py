@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
+from server import collector
 from server.braid import open_braid
 from server.config import Settings
 from server.errors import SettingsError
@@ -48,6 +49,7 @@ async def run_worker(settings: Settings, *, grace: float = 30.0) -> None:
     logging.getLogger("braid").setLevel(logging.INFO)
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with open_braid(settings, workers=True) as braid:
+            collector.freeze()  # what opening it made (connections, caches), as start-up's
             runner = braid.runner
             assert runner is not None  # open_braid(workers=True) always starts one
             async with anyio.create_task_group() as tg:

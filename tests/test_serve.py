@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from server import collector
 from server.cli import sse_frames
 from tests.conftest import EXAMPLES_DIR, Served, serve_env, start_serve
 from tests.services import require_postgres, require_redis
@@ -115,6 +116,18 @@ def test_serve_loads_the_examples_runs_one_and_stops_on_sigterm(tmp_path: Path) 
         code = served.stop(within=10)
     assert code == 0, served.log()[-3000:]
     assert time.monotonic() - began < 10
+
+
+def test_serve_keeps_what_it_opened_out_of_the_garbage_collector(tmp_path: Path) -> None:
+    """A full collection pausing a burst of runs for tens of milliseconds to walk the app and
+    the open Braid is what ``server.collector`` prevents: both are frozen once the app started,
+    and young collections come every ``YOUNG_THRESHOLD`` new containers."""
+    served = start_serve(tmp_path, {"BRAID_DEBUG": "1"})
+    try:
+        state = httpx.get(f"{served.url}/debug/collector", timeout=30).json()
+    finally:
+        served.stop(within=10)
+    assert state == {"young_threshold": collector.YOUNG_THRESHOLD, "braid_frozen": True}
 
 
 @contextmanager

@@ -13,6 +13,7 @@ so a client that disconnects cancels it at once and its subscription is released
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -532,10 +533,21 @@ async def debug_subscribers(braid: NamedDependency[Braid]) -> dict[str, int]:
     return {"subscribers": int(count), "tasks": len(asyncio.all_tasks())}
 
 
+@get("/debug/collector", include_in_schema=False)
+async def debug_collector(braid: NamedDependency[Braid]) -> dict[str, Any]:
+    """This process's young-collection threshold, and whether the open Braid is out of the
+    garbage collector's reach (``braid serve`` sees to both: ``server.collector``)."""
+    return {
+        "young_threshold": gc.get_threshold()[0],
+        # get_objects() leaves out the frozen (permanent) generation.
+        "braid_frozen": not any(obj is braid for obj in gc.get_objects()),
+    }
+
+
 def _handlers() -> list[Any]:
     handlers: list[Any] = [run_events, feed]
     if os.environ.get("BRAID_DEBUG") == "1":
-        handlers.append(debug_subscribers)
+        handlers += [debug_subscribers, debug_collector]
     return handlers
 
 

@@ -108,7 +108,9 @@ writer came back from a trip round the loop within ``INLINE_LAP`` seconds, see `
 a small one takes tens of microseconds there, while the trip to the writer thread and back
 costs a hundred or more (several hundred on a virtual machine whose other core sleeps), and the
 loop would only wait. A busy loop has other work to do meanwhile: its batches go to the writer
-thread, where SQLite's own work runs beside the loop."""
+thread, where SQLite's own work runs beside the loop; but a batch queued while the one before
+was written is written on the loop too, by the same writer (its callers have waited a write
+already, and the trip would add a lap of the busy loop)."""
 INLINE_CHECKPOINT_EVERY = 128
 """Commits written on the event loop between two WAL checkpoints (done in the writer thread):
 the loop's connection never checkpoints itself, which would fsync on the event loop."""
@@ -823,7 +825,7 @@ class SqlStore:
     async def _write_runs(self, runs: list[dict[str, Any]]) -> None:
         if self._batches is not None:
             async with self._sqlite_lock:
-                await self._batches.insert_runs(runs, inline=self._creations.idle)
+                await self._batches.insert_runs(runs, inline=self._creations.inline)
         elif not self._sqlite:
             parameters = (
                 [r["id"] for r in runs],
@@ -976,7 +978,7 @@ class SqlStore:
 
         if self._batches is not None:
             async with self._sqlite_lock:
-                gids = await self._batches.commit(writes, inline=self._records.idle)
+                gids = await self._batches.commit(writes, inline=self._records.inline)
         elif not self._sqlite:
             gids = await self._commit_postgres(writes, last_seq, run_params)
         else:  # an in-memory SQLite database

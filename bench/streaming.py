@@ -18,12 +18,17 @@ Postgres and Redis (a fresh database and an empty Redis database, as ``bench.dis
 so the SSE streams are fed through Redis; the CPU a run is then the two processes' together.
 
 The clients are ``bench.client`` connections (keep-alive HTTP/1.1, parsed by httptools), not
-httpx: httpx cost about as much CPU per streamed run as the server, on the same two cores.
+httpx: httpx cost about as much CPU per streamed run as the server, on the same two cores. The
+client process freezes what it holds before measuring and collects its garbage between rounds,
+as ``take_turns`` does for the engine benchmarks: run by ``python -m bench`` after the other
+benchmarks, its heap (LangGraph, their results) made full collections of 50 to 140 ms, which a
+round caught now and then (p99 202 ms where the server took 40).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -111,6 +116,13 @@ async def streamed_round(connections: list[Connection]) -> tuple[list[float], li
     return started, finished
 
 
+def settle_client() -> None:
+    """The client's own pauses out of the figures: what this process holds frozen out of the
+    garbage collector's reach (see the module's docstring)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _cpu(pids: list[int]) -> float | None:
     seconds = [cpu_seconds(pid) for pid in pids]
     return None if any(s is None for s in seconds) else sum(s for s in seconds if s is not None)
@@ -125,8 +137,10 @@ async def measure_streamed(url: str, clients: int, rounds: int, server_pids: lis
         await streamed_round(connections)  # warm-up (and the connections opened)
         started: list[float] = []
         finished: list[float] = []
+        settle_client()
         cpu_before = _cpu(server_pids)
         for _ in range(rounds):
+            gc.collect()
             s, f = await streamed_round(connections)
             started += s
             finished += f
@@ -159,6 +173,7 @@ async def measure_fanout(url: str, subscribers: int, hold: float) -> dict[str, A
         response = await client.post(f"/graphs/{HOLD}/runs", json={})
         response.raise_for_status()
         run_id = response.json()["id"]
+    settle_client()
     posted = time.time()
     connected: list[float] = []
     delays: list[float] = []

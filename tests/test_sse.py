@@ -5,6 +5,7 @@ global feed ``GET /events``."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -341,6 +342,68 @@ async def test_many_subscribers_get_everything_and_leavers_free_their_resources(
         assert ids(frames) == list(range(1, len(frames) + 1))
     await poll(lambda: _subscribers_are(debug, base["subscribers"]), what="every subscription to be released")
     await poll(lambda: _tasks_at_most(debug, base["tasks"]), what="the task count to return to its baseline")
+
+
+FLOOD_BYTES = 5_000_000
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_holds_up_no_one(tmp_path: Path) -> None:
+    """A client that accepts no bytes (a frozen tab, a stalled proxy) on a run that sends
+    megabytes: once nothing has gone out to it for the send timeout (1 s here), its stream ends
+    and its tasks with it, the server closes its connection, and the log says so in one line;
+    the run, and another client reading the same run, get everything."""
+    flood = {
+        "name": "flood",
+        "nodes": {
+            "w": {"agent": "wait", "seconds": 1},
+            # 50 x 100,000 characters: a node.completed and a workflow.finished of 5 MB each, more
+            # than the socket buffers (4 MB at most) and uvicorn's write buffer take.
+            "big": {"agent": "template", "template": "{% for _ in 'x' * 50 %}{{ 'x' * 100000 }}{% endfor %}"},
+        },
+        "edges": [{"from": "w", "to": "big"}],
+    }
+    with running_server(tmp_path, {"BRAID_SSE_SEND_TIMEOUT": "1"}) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+
+            async def debug() -> dict[str, int]:
+                return (await client.get("/debug/subscribers")).json()
+
+            for spec in (flood, {"name": "tiny", **GRAPHS["tail"]}):
+                assert (await client.post("/graphs", json=spec)).status_code == 201
+            # The first stream starts sse-starlette's shutdown watcher: the baseline counts it.
+            await read_frames(client, f"/runs/{await start_run(client, 'tiny', wait=True)}/events")
+            base = await debug()
+            run_id = await start_run(client, "flood")
+            with socket.socket() as stalled:
+                # A small receive window, set before connecting: the server's sends soon wait.
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                stalled.settimeout(30)
+                stalled.connect(("127.0.0.1", server.port))
+                request = (
+                    f"GET /runs/{run_id}/events HTTP/1.1\r\nHost: braid\r\nAccept: text/event-stream\r\n\r\n"
+                )
+                stalled.sendall(request.encode())
+                await poll(
+                    lambda: _subscribers_are(debug, base["subscribers"] + 1), what="the stalled stream"
+                )
+
+                frames = await read_frames(client, f"/runs/{run_id}/events", within=30)
+                assert names(frames) == expected_chain(["w", "big"])
+                assert len(frames[-1].json()["output"]) == FLOOD_BYTES
+                await poll(
+                    lambda: _tasks_at_most(debug, base["tasks"]), what="the stalled stream's tasks to end"
+                )
+
+                # Its connection is closed: what the server had buffered, then the end (read with
+                # a larger buffer, else the small window makes it take a minute).
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+                received = 0
+                while chunk := await anyio.to_thread.run_sync(stalled.recv, 1 << 20):
+                    received += len(chunk)
+                assert 0 < received < 2 * FLOOD_BYTES  # not every event reached it
+    log = server.log()
+    assert "an SSE client accepted nothing for 1s: its stream was closed" in log
+    assert "Exception in ASGI application" not in log
 
 
 async def _subscribers_are(debug: Callable[[], Any], count: int) -> bool:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import anyio
 import pytest
 from sse_starlette import ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 
-from server.api.events import Body
+from server.api.events import Body, Frames, _sse
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +108,31 @@ async def test_closing_wakes_a_waiting_sender() -> None:
             body.close()
     assert outcome == ["sender: closed"]
     assert [chunk async for chunk in body] == [frame(1).encode()]
+
+
+async def test_a_stream_whose_client_takes_nothing_ends_on_the_send_timeout_even_at_its_last_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a run's last event is in the client's buffers, sse-starlette's closing send (``more_body:
+    False``) waits for the client like any other; a client that takes nothing must not hold the
+    stream (its tasks, its subscription) past the send timeout there either."""
+    monkeypatch.setenv("BRAID_SSE_SEND_TIMEOUT", "0.2")
+    sent: list[dict[str, object]] = []
+
+    async def produce(out: Frames) -> None:
+        await out.send(frame(1))  # the run's last event: then the stream closes
+
+    async def receive() -> dict[str, object]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            await anyio.sleep_forever()  # the client's window is shut: the write never drains
+
+    response = _sse(produce, ping=0)
+    scope = {"type": "http", "method": "GET"}
+    with anyio.fail_after(5), pytest.raises(SendTimeoutError):
+        await response(scope, receive, send)  # pyright: ignore[reportArgumentType]
+    assert [m.get("body") for m in sent if m["type"] == "http.response.body"] == [frame(1).encode(), b""]

@@ -39,11 +39,12 @@ def provide_braid(state: State) -> Braid:
 def _event_handlers() -> list[ControllerRouterHandler]:
     # The SSE endpoints live in server/api/events.py; the app works without them.
     try:
-        from server.api.events import event_handlers
+        from server.api.events import event_handlers, quiet_stalled_clients
     except ModuleNotFoundError as exc:
         if exc.name != "server.api.events":
             raise
         return []
+    quiet_stalled_clients()
     return list(event_handlers)
 
 

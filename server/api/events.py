@@ -19,7 +19,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Protocol, cast
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 
 import anyio
 from litestar import Response, get
@@ -28,6 +28,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 
 from server.api.errors import query_bool, query_int
 from server.braid import Braid
@@ -37,13 +38,18 @@ from server.events import Event
 from server.status import LIFECYCLE_EVENTS, EventType
 from server.store.base import Store
 
+if TYPE_CHECKING:
+    # sse-starlette's ASGI types (Starlette's), which its response's ``__call__`` takes.
+    from starlette.types import Message, Receive, Scope, Send
+
 log = logging.getLogger("braid.sse")
 
 PING_SECONDS = 15.0
 """Keep-alive comment interval; the environment variable BRAID_SSE_PING overrides it (tests)."""
 
 SEND_TIMEOUT_SECONDS = 30.0
-"""A client that accepts no bytes for this long is disconnected (it can resume by id)."""
+"""A client that accepts no bytes for this long is disconnected (it can resume by id); the
+environment variable BRAID_SSE_SEND_TIMEOUT overrides it (tests)."""
 
 SHUTDOWN_GRACE_SECONDS = 1.0
 """At shutdown, streams end cleanly within this (less than uvicorn's graceful shutdown timeout)."""
@@ -60,6 +66,40 @@ BODY_LIMIT = 64 * 1024
 """Bytes of frames a stream may hold unsent before its sender waits for the client."""
 
 
+class StalledClients(logging.Filter):
+    """uvicorn logs a stream that sse-starlette ended on its send timeout (a client that accepted
+    no bytes for that long: a frozen tab, a stalled proxy) as an error with two tracebacks; that
+    is the timeout doing its job, and it becomes one line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _send_timed_out(record.exc_info[1]):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg = "an SSE client accepted nothing for %gs: its stream was closed (it resumes by id)"
+            record.args = (_seconds("BRAID_SSE_SEND_TIMEOUT", SEND_TIMEOUT_SECONDS),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _send_timed_out(error: BaseException | None) -> bool:
+    """Whether ``error`` was caused by sse-starlette's send timeout and nothing else (uvicorn gets
+    Litestar's "caught after response started", caused by the stream's task group's exceptions)."""
+    while error is not None:
+        if isinstance(error, SendTimeoutError):
+            return True
+        if isinstance(error, BaseExceptionGroup):
+            timed_out, rest = cast("BaseExceptionGroup[BaseException]", error).split(SendTimeoutError)
+            return timed_out is not None and rest is None
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def quiet_stalled_clients() -> None:
+    """Install ``StalledClients`` on uvicorn's error log (once)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, StalledClients) for f in logger.filters):
+        logger.addFilter(StalledClients())
+
+
 class Frames(Protocol):
     """Where a stream's sender puts its frames: the response's ``Body``, or a memory stream."""
 
@@ -71,12 +111,16 @@ class Frames(Protocol):
 Dispatch = Callable[[], Awaitable[None]]
 
 
-def ping_seconds() -> float:
-    raw = os.environ.get("BRAID_SSE_PING", "").strip()
+def _seconds(variable: str, default: float) -> float:
+    raw = os.environ.get(variable, "").strip()
     try:
-        return float(raw) if raw else PING_SECONDS
+        return float(raw) if raw else default
     except ValueError:
-        return PING_SECONDS
+        return default
+
+
+def ping_seconds() -> float:
+    return _seconds("BRAID_SSE_PING", PING_SECONDS)
 
 
 def _encode(obj: dict[str, Any]) -> str:
@@ -168,6 +212,27 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+class _Response(EventSourceResponse):
+    """sse-starlette's response with its closing send (``more_body: False``) bounded by the send
+    timeout as its data sends are: once a run's last event was written into a stalled client's
+    buffers, that send waited for the client with no bound, holding the stream's tasks until the
+    client went away."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self.send_timeout
+
+        async def send_bounded(message: Message) -> None:
+            if timeout is None or message["type"] != "http.response.body" or message.get("more_body"):
+                await send(message)
+                return
+            with anyio.move_on_after(timeout) as bound:
+                await send(message)
+            if bound.cancel_called:
+                raise SendTimeoutError
+
+        await super().__call__(scope, receive, send_bounded)
+
+
 class _Shutdown:
     """The ``shutdown_event`` sse-starlette sets when the server shuts down: it cancels the
     stream's sender at once, so the stream ends cleanly (a task waiting on an ``anyio.Event``
@@ -203,11 +268,11 @@ def _sse(produce: Callable[[Frames], Awaitable[None]], ping: float | None = None
         finally:
             body.close()
 
-    return EventSourceResponse(
+    return _Response(
         body,
         data_sender_callable=sender,
         ping=ping_seconds() if ping is None else ping,
-        send_timeout=SEND_TIMEOUT_SECONDS,
+        send_timeout=_seconds("BRAID_SSE_SEND_TIMEOUT", SEND_TIMEOUT_SECONDS),
         # sse-starlette only calls ``set()`` on it.
         shutdown_event=cast("anyio.Event", shutdown),
         shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,

@@ -336,3 +336,31 @@ async def test_redis_more_runs_followed_at_once_than_redis_pys_default_pool(redi
 
         for i, subscription in enumerate(subscriptions):
             assert [(e.run_id, e.seq) for e in await receive(subscription, 1)] == [(f"run{i}", 1)]
+
+
+@pytest.mark.anyio
+async def test_redis_a_finished_runs_stream_is_read_no_further_and_its_connection_kept(
+    redis_backend: Backend,
+) -> None:
+    """Once a run's workflow.finished is handed out its stream is not read again, so its
+    subscriptions leave with no XREAD to cancel (redis-py drops a connection whose command was
+    cancelled): runs streamed one after another reuse the bus's connection, not one each."""
+    api, worker = redis_backend.bus(), redis_backend.bus()
+
+    async def follow(run_id: str) -> None:
+        async with api.subscribe(run_id) as subscription:
+            await worker.publish_many([event(run_id, 1), event(run_id, 2, EventType.WORKFLOW_FINISHED)])
+            assert [e.seq for e in await receive(subscription, 2)] == [1, 2]
+
+    async with connect(redis_backend.url) as admin:
+
+        async def accepted() -> int:
+            return int((await admin.info("stats"))["total_connections_received"])
+
+        await follow("warm-up")  # each bus has opened its connections
+        before = await accepted()
+        for i in range(20):
+            await follow(f"run{i}")
+        assert await accepted() - before <= 2
+        assert isinstance(api, RedisBus)
+        assert api.reader_count == 0

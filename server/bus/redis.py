@@ -9,7 +9,10 @@ hands each event (decoded once) to all of them: a thousand SSE clients of one ru
 connection, not a thousand (redis-py's pool allows a hundred). A subscription's starting point is
 fixed before ``subscribe`` returns: the stream's last entry id for the first subscription, else
 the entry the shared reader last handed out. The reader runs in the task of one of its
-subscriptions; when that one leaves, another takes over from the same id.
+subscriptions; when that one leaves, another takes over from the same id. A run's stream is read
+no further once its ``workflow.finished`` was handed out: its subscriptions then leave with no
+``XREAD`` in flight, whose cancellation would cost the connection (redis-py drops a connection
+whose command was cancelled), so a streamed run no longer costs the API a new Redis connection.
 """
 
 from __future__ import annotations
@@ -231,6 +234,8 @@ class RedisBus:
             await followed.handed_over.wait()
             if buffer.dropped is not None:
                 return  # this subscription is ending: it reads for nobody
+        if followed.finished:
+            return  # the run's last event was handed out: nothing more will come
         followed.reading = True
         try:
             await self._read(followed)
@@ -276,6 +281,10 @@ class RedisBus:
                     for buffer in list(followed.buffers):
                         if not buffer.offer(event):
                             followed.buffers.discard(buffer)
+                    if event.type is EventType.WORKFLOW_FINISHED and followed.key != self.keys.events:
+                        followed.finished = True
+                if followed.finished:
+                    return
         finally:
             self.reader_count -= 1
 
@@ -293,3 +302,5 @@ class _Followed:
         self.buffers: set[Buffer] = set()
         self.reading = False
         self.handed_over = anyio.Event()
+        self.finished = False
+        """A run's stream whose ``workflow.finished`` was handed out: no one reads it again."""

@@ -89,7 +89,7 @@ async def take_turns(
     """The wall times of ``reps`` runs of each of ``runs``, in seconds (after one warm-up run
     each with ``warm_up``). The engines take turns (one run of each, then again), so a slower
     spell of the machine falls on every engine alike. As ``braid serve`` and ``braid worker`` do
-    at start (server/cli.py), what start-up made is frozen out of the collector's reach; before
+    at start (server/collector.py), what start-up made is frozen out of the collector's reach; before
     each timed run, for every engine alike, the previous run's garbage is collected."""
     gc.collect()
     gc.freeze()

@@ -104,6 +104,9 @@ def serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        # No line per request (every API call, SSE client and dashboard fragment): as with the
+        # HTTP clients' logs (server.api.app), it would drown Braid's own notices.
+        access_log=False,
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)

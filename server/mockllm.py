@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
+import logging
 import re
 import socket
 import time
@@ -435,6 +437,25 @@ def create_app(delay: float = 0.02) -> Litestar:
 # --- running it ----------------------------------------------------------------------------------
 
 
+_IN_LOCAL_SERVER = contextvars.ContextVar("braid_in_local_server", default=False)
+
+
+class _HostNoticesOnly(logging.Filter):
+    """uvicorn's notices from a ``LocalServer`` ("Started server process", "Uvicorn running on
+    ...") are dropped, its warnings and errors kept: the host server says it started. (Its
+    ``log_level`` would set uvicorn's loggers for the whole process: ``braid serve`` with the mock
+    model lost its own startup lines that way.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not _IN_LOCAL_SERVER.get()
+
+
+def _quiet_local_servers() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _HostNoticesOnly) for f in logger.filters):
+        logger.addFilter(_HostNoticesOnly())
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Any:
@@ -475,17 +496,21 @@ class LocalServer:
         config = uvicorn.Config(
             self.app,
             log_config=None,
-            log_level="warning",  # the host server already says it started
+            log_level=None,  # the process's uvicorn loggers are the host's (``_HostNoticesOnly``)
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=2,
             ws="none",
             interface="asgi3",
         )
-        self._server = _Server(config)
-        self._task = asyncio.create_task(
-            self._server.serve(sockets=[sock]), name=f"braid-local-server-{self.port}"
-        )
+        server = self._server = _Server(config)
+        _quiet_local_servers()
+
+        async def serve() -> None:
+            _IN_LOCAL_SERVER.set(True)  # for this task and the tasks it starts
+            await server.serve(sockets=[sock])
+
+        self._task = asyncio.create_task(serve(), name=f"braid-local-server-{self.port}")
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:

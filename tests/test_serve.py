@@ -88,6 +88,15 @@ def test_serve_loads_the_examples_runs_one_and_stops_on_sigterm(tmp_path: Path) 
         first_line = served.log().splitlines()[0]
         assert first_line.startswith(f"Braid on {served.url} (embedded, SQLite ")
         assert "mock model" in first_line
+        # uvicorn's notices are the host's, once each: the in-process mock model's server neither
+        # repeats them nor, with its log level, silences them (these lines went missing).
+        notices = [line for line in served.log().splitlines() if line.startswith("INFO:     ")]
+        assert notices == [
+            f"INFO:     Started server process [{served.process.pid}]",
+            "INFO:     Waiting for application startup.",
+            "INFO:     Application startup complete.",
+            f"INFO:     Uvicorn running on {served.url} (Press CTRL+C to quit)",
+        ], served.log()
 
         with httpx.Client(base_url=served.url, timeout=60) as http:
             health = http.get("/health").json()

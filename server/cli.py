@@ -96,8 +96,8 @@ def serve(args: argparse.Namespace) -> int:
     workers = (not settings.distributed) if args.workers is None else bool(args.workers)
     print(banner(settings, workers), flush=True)
     app = create_app(settings, workers=workers)
-    # What opening the Braid made (connections, caches, modules imported on first use) is frozen
-    # too, once the app has started.
+    # Start-up's objects out of the collector's reach once the app has started: the modules, the
+    # app and what opening the Braid made (connections, caches, modules imported on first use).
     app.on_startup.append(collector.freeze)
     config = uvicorn.Config(
         app,

@@ -49,7 +49,7 @@ async def run_worker(settings: Settings, *, grace: float = 30.0) -> None:
     logging.getLogger("braid").setLevel(logging.INFO)
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with open_braid(settings, workers=True) as braid:
-            collector.freeze()  # what opening it made (connections, caches), as start-up's
+            collector.freeze()  # start-up's objects, and what opening the Braid made
             runner = braid.runner
             assert runner is not None  # open_braid(workers=True) always starts one
             async with anyio.create_task_group() as tg:

@@ -75,7 +75,7 @@ class StalledClients(logging.Filter):
         if record.exc_info and _send_timed_out(record.exc_info[1]):
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
             record.msg = "an SSE client accepted nothing for %gs: its stream was closed (it resumes by id)"
-            record.args = (_seconds("BRAID_SSE_SEND_TIMEOUT", SEND_TIMEOUT_SECONDS),)
+            record.args = (send_timeout_seconds(),)
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -121,6 +121,10 @@ def _seconds(variable: str, default: float) -> float:
 
 def ping_seconds() -> float:
     return _seconds("BRAID_SSE_PING", PING_SECONDS)
+
+
+def send_timeout_seconds() -> float:
+    return _seconds("BRAID_SSE_SEND_TIMEOUT", SEND_TIMEOUT_SECONDS)
 
 
 def _encode(obj: dict[str, Any]) -> str:
@@ -272,7 +276,7 @@ def _sse(produce: Callable[[Frames], Awaitable[None]], ping: float | None = None
         body,
         data_sender_callable=sender,
         ping=ping_seconds() if ping is None else ping,
-        send_timeout=_seconds("BRAID_SSE_SEND_TIMEOUT", SEND_TIMEOUT_SECONDS),
+        send_timeout=send_timeout_seconds(),
         # sse-starlette only calls ``set()`` on it.
         shutdown_event=cast("anyio.Event", shutdown),
         shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,

@@ -12,6 +12,8 @@ import pytest
 
 from agents.registry import AgentConfig, Registry, agent
 from server.engine import Engine, MemoryRecorder, NodeContext, Resources, RunHandle, RunInfo, RunState
+from server.engine import engine as engine_module
+from server.engine.engine import RecordTimeout
 from server.engine.records import NodeExecution, RunUpdate
 from server.errors import NodeError, RetryableError
 from server.events import Event
@@ -655,6 +657,26 @@ async def test_timeouts_are_retried_then_fail_the_run_when_attempts_run_out() ->
 
 
 @pytest.mark.anyio
+async def test_a_short_timeout_is_kept_while_a_longer_one_runs() -> None:
+    # ``slow`` (30 s) starts first; ``quick`` (0.1 s) must still time out at its own deadline.
+    graph = make_graph(
+        {
+            "slow": {"agent": "gate", "wait": "'never'", "timeout": 30, "retry": {"attempts": 1}},
+            "quick": {"agent": "fail", "error": "forever", "timeout": 0.1, "retry": {"attempts": 1}},
+        }
+    )
+    tally = Tally()
+    began = anyio.current_time()
+    update, rec = await run_graph(graph, tally=tally)
+
+    assert update.status == RunStatus.FAILED
+    assert update.error == "node 'quick' failed: timed out after 0.1s"
+    assert 0.1 <= anyio.current_time() - began < 5
+    assert tally.order == ["slow", "quick"]
+    assert rec.execution("slow").status == NodeStatus.CANCELLED
+
+
+@pytest.mark.anyio
 async def test_retries_exhausted_fail_the_run() -> None:
     graph = make_graph({"flaky": {"agent": "fail", "retryable": True, "message": "503"}})
     tally = Tally()
@@ -787,6 +809,70 @@ async def test_a_recorder_error_propagates_and_no_finish_is_recorded() -> None:
         await run_graph(graph, recorder=recorder)
     assert recorder.of("workflow.finished") == []
     assert recorder.types() == ["workflow.started", "node.started"]
+
+
+class SlowRecorder(MemoryRecorder):
+    """Suspends on every ``record`` (as a store does), and never answers for the events
+    ``hangs`` accepts (a store gone without a word)."""
+
+    def __init__(self, hangs: Callable[[Event], bool] = lambda _: False) -> None:
+        super().__init__()
+        self.hangs = hangs
+
+    async def record(self, event: Event, change: NodeExecution | RunUpdate | None = None) -> None:
+        await anyio.lowlevel.checkpoint()
+        if self.hangs(event):
+            await anyio.sleep_forever()
+        await super().record(event, change)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hang", ["node.started", "node.completed", "workflow.finished"])
+async def test_a_store_that_stops_answering_stops_the_run_after_the_record_timeout(
+    hang: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "RECORD_TIMEOUT", 0.3)
+    recorder = SlowRecorder(lambda e: e.type == hang and e.data.get("node") in ("b", None))
+    graph = make_graph({"a": {"agent": "echo"}, "b": {"agent": "echo"}}, [{"from": "a", "to": "b"}])
+    tally = Tally()
+    began = anyio.current_time()
+    with pytest.raises(RecordTimeout, match=f"recording {hang} took over 0.3s"):
+        await run_graph(graph, recorder=recorder, tally=tally)
+    assert anyio.current_time() - began >= 0.3
+    assert tally.calls["a"] == 1
+    # An agent never runs on inputs that are not durable: ``b`` not before its start is.
+    assert tally.calls["b"] == (0 if hang == "node.started" else 1)
+    assert recorder.of("workflow.finished") == []
+
+
+@pytest.mark.anyio
+async def test_a_node_may_outlast_the_record_timeout_once_its_events_are_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "RECORD_TIMEOUT", 0.2)
+    recorder = SlowRecorder()
+    graph = make_graph(
+        {"a": {"agent": "gate", "wait": "'go'"}, "b": {"agent": "gate", "wait": "'go'"}},
+        [{"from": "a", "to": "b"}],
+    )
+    tally = Tally()
+    result: list[RunUpdate] = []
+
+    async def run() -> None:
+        update, _ = await run_graph(graph, recorder=recorder, tally=tally)
+        result.append(update)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        with anyio.fail_after(5):
+            await recorder.wait_for(lambda e: e.type == EventType.NODE_STARTED and e.data["node"] == "a")
+        # Node ``a`` waits three record timeouts' time with its events recorded: it is not the
+        # store's silence, and nothing may cut it short.
+        await anyio.sleep(0.6)
+        tally.gate("go").set()
+
+    assert result[0].status == RunStatus.SUCCEEDED, result[0]
+    assert tally.calls == Counter({"a": 1, "b": 1})
 
 
 class QueuedRecorder(MemoryRecorder):

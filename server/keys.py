@@ -19,6 +19,10 @@ CANCEL = "cancel"
 EVENTS = "events"
 """The global event feed (every run's events), trimmed to an approximate length."""
 
+BUS_WAKE = "bus-wake:{token}"
+"""A stream of one API process's event bus, added to so that its reader (blocked in ``XREAD``
+on the streams it follows) comes back and follows a new one too."""
+
 RUN_ALIVE = "run:{run_id}:alive"
 """Set (with a time to live) while a worker executes the run, refreshed by its heartbeat: the
 sweep never re-enqueues a run whose key exists."""
@@ -52,6 +56,10 @@ class Keys:
     def run_events(self, run_id: str) -> str:
         """One run's event stream (expires a while after the run finished)."""
         return f"{self.prefix}:{EVENTS}:{run_id}"
+
+    def bus_wake(self, token: str) -> str:
+        """One event bus's wake-up stream (see ``BUS_WAKE``)."""
+        return f"{self.prefix}:{BUS_WAKE.format(token=token)}"
 
     def run_alive(self, run_id: str) -> str:
         """Exists while a live worker executes ``run_id`` (see ``RUN_ALIVE``)."""

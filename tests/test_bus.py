@@ -174,8 +174,15 @@ async def test_leaving_leaves_nothing_behind(backend: Backend) -> None:
 
     assert bus.subscriber_count == 0
     if isinstance(bus, RedisBus):
-        assert bus.reader_count == 0
+        await reader_gone(bus)
     await bus.publish(event("a", 1))  # nobody listening: fine
+
+
+async def reader_gone(bus: RedisBus) -> None:
+    """The bus's reader ends once nothing is followed, at its next reply (``block_ms`` at most)."""
+    with anyio.fail_after(5):
+        while bus.reader_count:  # noqa: ASYNC110 (the reader task ends on its own)
+            await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio
@@ -254,18 +261,18 @@ async def test_redis_subscriptions_of_one_stream_share_one_reader(redis_backend:
         for subscription in runs + feeds:
             assert await receive(subscription, 2) == sent
         assert isinstance(api, RedisBus)
-        assert api.reader_count == 2
-    assert api.reader_count == 0
+        assert api.reader_count == 1
+    await reader_gone(api)
 
 
 @pytest.mark.anyio
-async def test_redis_reader_is_handed_over_when_its_subscription_leaves(redis_backend: Backend) -> None:
+async def test_redis_a_stream_is_read_on_when_its_first_subscription_leaves(redis_backend: Backend) -> None:
     api, worker = redis_backend.bus(), redis_backend.bus()
     assert isinstance(api, RedisBus)
     reading, leave = anyio.Event(), anyio.Event()
 
     async def first() -> None:
-        async with api.subscribe("a") as subscription:  # alone: the reader runs in its task
+        async with api.subscribe("a") as subscription:  # the first: the stream is followed anew
             await worker.publish(event("a", 1))
             assert [e.seq for e in await receive(subscription, 1)] == [1]
             reading.set()
@@ -275,7 +282,7 @@ async def test_redis_reader_is_handed_over_when_its_subscription_leaves(redis_ba
         tg.start_soon(first)
         await reading.wait()
         async with api.subscribe("a") as stays:
-            leave.set()  # the reader's subscription leaves; this one takes over from where it was
+            leave.set()  # the first subscription leaves; this one reads on from where it was
             await worker.publish(event("a", 2))
             await worker.publish_many([event("a", 3), event("a", 4)])
 
@@ -325,17 +332,49 @@ async def test_redis_away_every_subscription_waiting_on_the_first_fails_unavaila
 
 
 @pytest.mark.anyio
-async def test_redis_more_runs_followed_at_once_than_redis_pys_default_pool(redis_backend: Backend) -> None:
-    """Each run streamed at once holds a connection in XREAD BLOCK: 150 of them (redis-py's
-    default pool refused the 101st) all subscribe and get their run's event."""
+async def test_redis_runs_followed_at_once_share_one_reader_and_connection(redis_backend: Backend) -> None:
+    """150 runs streamed at once (more than redis-py's default pool of 100) all subscribe and get
+    their run's events, read by one XREAD on one connection: the bus holds a handful of
+    connections, not one per run."""
     api, worker = redis_backend.bus(), redis_backend.bus()
+    assert isinstance(api, RedisBus)
     count = 150
-    async with AsyncExitStack() as stack:
+    async with AsyncExitStack() as stack, connect(redis_backend.url) as admin:
         subscriptions = [await stack.enter_async_context(api.subscribe(f"run{i}")) for i in range(count)]
         await worker.publish_many([event(f"run{i}", 1) for i in range(count)])
-
         for i, subscription in enumerate(subscriptions):
             assert [(e.run_id, e.seq) for e in await receive(subscription, 1)] == [(f"run{i}", 1)]
+        await worker.publish_many([event(f"run{i}", 2) for i in reversed(range(count))])
+        for i, subscription in enumerate(subscriptions):
+            assert [(e.run_id, e.seq) for e in await receive(subscription, 1)] == [(f"run{i}", 2)]
+
+        assert api.reader_count == 1
+        name = f"{redis_backend.keys.prefix}-bus"
+        clients = [c for c in await admin.client_list() if c.get("name") == name]
+        assert 1 <= len(clients) <= 3 * 2  # the API's and the worker's buses: a few each
+
+
+@pytest.mark.anyio
+async def test_redis_a_run_followed_while_the_reader_waits_on_others_is_read_at_once(
+    redis_backend: Backend,
+) -> None:
+    """The reader blocks in XREAD on the streams it follows (30 s here); a stream followed
+    meanwhile wakes it, so its events come at once, not when the XREAD times out."""
+    api = RedisBus(redis_backend.url, prefix=redis_backend.keys.prefix, block_ms=30_000)
+    worker = redis_backend.bus()
+    try:
+        async with api.subscribe("a") as a:
+            await worker.publish(event("a", 1))
+            assert [e.seq for e in await receive(a, 1)] == [1]  # the reader reads "a"
+            for run in ("b", "c", "d"):
+                async with api.subscribe(run) as later:
+                    await worker.publish(event(run, 1))
+                    assert [(e.run_id, e.seq) for e in await receive(later, 1)] == [(run, 1)]
+            await worker.publish(event("a", 2))
+            assert [e.seq for e in await receive(a, 1)] == [2]
+            assert api.reader_count == 1
+    finally:
+        await api.close()
 
 
 @pytest.mark.anyio

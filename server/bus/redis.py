@@ -3,22 +3,26 @@ every run's live events.
 
 Each event is appended to its run's stream (``{prefix}:events:{run_id}``, which expires a while
 after the run finished; the database keeps the history) and to the global feed
-(``{prefix}:events``, trimmed to an approximate length). The subscriptions of one stream in a
-process share one reader, which reads onward from the last id it saw with ``XREAD BLOCK`` and
-hands each event (decoded once) to all of them: a thousand SSE clients of one run hold one Redis
-connection, not a thousand (redis-py's pool allows a hundred). A subscription's starting point is
-fixed before ``subscribe`` returns: the stream's last entry id for the first subscription, else
-the entry the shared reader last handed out. The reader runs in the task of one of its
-subscriptions; when that one leaves, another takes over from the same id. A run's stream is read
-no further once its ``workflow.finished`` was handed out: its subscriptions then leave with no
-``XREAD`` in flight, whose cancellation would cost the connection (redis-py drops a connection
-whose command was cancelled), so a streamed run no longer costs the API a new Redis connection.
+(``{prefix}:events``, trimmed to an approximate length). One reader per process, a task of the
+bus, reads every stream followed in the process with one ``XREAD BLOCK`` on one connection and
+hands each event (decoded once) to every subscription of its stream: a thousand SSE clients of
+one run, or of a thousand runs, hold one Redis connection between them. A subscription's
+starting point is fixed before ``subscribe`` returns: the stream's last entry id for the first
+subscription of a stream, else the entry the reader last handed out on it. A stream followed
+anew while the reader is blocked wakes it through the bus's own wake stream
+(``{prefix}:bus-wake:{token}``, which the reader reads too), so the reader is never cancelled
+in an ``XREAD`` (redis-py drops a connection whose command was cancelled). A run's stream is
+read no further once its ``workflow.finished`` was handed out; the reader ends once no stream
+is followed, at its next reply.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from server.bus.memory import DEFAULT_BUFFER, Buffer
 from server.errors import Unavailable
 from server.events import Event
 from server.keys import DEFAULT_PREFIX, Keys
-from server.queue.redis import TRANSIENT, client_name, connect, stream_entries, text
+from server.queue.redis import TRANSIENT, client_name, connect, stream_replies, text
 from server.status import EventType
 
 log = logging.getLogger("braid.bus")
@@ -43,9 +47,17 @@ PUBLISH_BATCH = 256
 """Events sent in one pipeline at most."""
 
 MAX_CONNECTIONS = 5000
-"""The bus client's pool: each stream followed in this process holds a connection in ``XREAD
-BLOCK`` (the SSE clients of one run share it), so redis-py's default of 100 would refuse the
-101st run streamed at once. Redis itself takes 10,000 clients by default (``maxclients``)."""
+"""The bus client's pool. The reader holds one connection; the rest are for publishing and for
+the starting points of streams followed anew, which a burst of new SSE clients asks for at once
+(redis-py refuses a command at once when its pool is full; its default is 100). Redis itself
+takes 10,000 clients by default (``maxclients``)."""
+
+CLOSE_WAIT = 2.0
+"""Seconds ``close`` waits for the reader to end (once more after cancelling it)."""
+
+WAKE_TTL = 86_400
+"""Seconds a bus's wake stream outlives its last use (``close`` deletes it; a process that
+died leaves it behind until then)."""
 
 
 PUBLISH_SCRIPT = """
@@ -126,9 +138,16 @@ class RedisBus:
         self.backoff_cap = backoff_cap
         self.subscriber_count = 0
         self.reader_count = 0
-        """Readers running: one per stream that has subscriptions in this process."""
+        """Readers running: one while any stream is followed in this process, else none."""
         self._buffers: set[Buffer] = set()
         self._streams: dict[str, _Followed] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._reading: dict[str, str] | None = None
+        """The streams of the reader's ``XREAD`` in flight (None while it is not blocked)."""
+        self._woken = False
+        """Whether the blocked reader was woken already (it follows every stream anew then)."""
+        self._wake_key = self.keys.bus_wake(uuid.uuid4().hex)
+        self._wake_last = "0-0"
         self._outbox = GroupCommit[_Outgoing](self._send, PUBLISH_BATCH)
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
 
@@ -164,23 +183,15 @@ class RedisBus:
     @asynccontextmanager
     async def subscribe(self, run_id: str | None = None) -> AsyncGenerator[Buffer, None]:
         key = self.keys.events if run_id is None else self.keys.run_events(run_id)
-        followed = await self._follow(key)
+        followed, new = await self._follow(key)
         buffer = Buffer(self.buffer_size)
         followed.buffers.add(buffer)
         self._buffers.add(buffer)
         self.subscriber_count += 1
-        failure: Exception | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._take_turns, followed, buffer)
-                try:
-                    yield buffer
-                except Exception as exc:
-                    failure = exc  # re-raised below as itself, not wrapped in an ExceptionGroup
-                finally:
-                    tg.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
+            if new:
+                await self._read_too(key)
+            yield buffer
         finally:
             self.subscriber_count -= 1
             self._buffers.discard(buffer)
@@ -192,12 +203,26 @@ class RedisBus:
     async def close(self) -> None:
         for buffer in list(self._buffers):
             buffer.end("was closed with the event bus")
+        self._streams.clear()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            # It ends at its next reply, finding nothing to follow: woken rather than cancelled
+            # (redis-py can swallow a cancellation that comes as a command is being sent).
+            if self._reading is not None:
+                await self._wake()
+            _, pending = await asyncio.wait({reader}, timeout=CLOSE_WAIT)
+            if pending:
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=CLOSE_WAIT)
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(self._wake_key)
         if self._owns_client:
             await self.redis.aclose()
 
-    async def _follow(self, key: str) -> _Followed:
-        """The shared reader of ``key``, its starting point fixed (a subscription that joins a
-        reader already reading gets everything it hands out from then on, so it joins at once)."""
+    async def _follow(self, key: str) -> tuple[_Followed, bool]:
+        """The stream ``key`` as this process follows it, its starting point fixed (a subscription
+        that joins a stream already followed gets everything handed out from then on, so it
+        joins at once), and whether it is followed anew (for the reader to read it too)."""
         while True:
             followed = self._streams.get(key)
             if followed is None:
@@ -211,14 +236,36 @@ class RedisBus:
                     raise
                 finally:
                     followed.ready.set()
-                return followed
+                return followed, True
             if followed.last is None:
                 await followed.ready.wait()
                 if followed.last is None:
                     if followed.failure is not None:
                         raise Unavailable(str(followed.failure))
                     continue  # the first subscription was cancelled before it got there
-            return followed
+            return followed, False
+
+    async def _read_too(self, key: str) -> None:
+        """Have the reader read ``key`` too: start it, or wake it if it is blocked without."""
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read(), name="braid event bus reader")
+            return
+        if self._reading is None or key in self._reading or self._woken:
+            return  # it reads every followed stream when it next asks
+        await self._wake()
+
+    async def _wake(self) -> None:
+        """Bring the reader back from its ``XREAD`` (it follows every stream anew then)."""
+        self._woken = True
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, WAKE_TTL)
+                await pipe.execute()
+        except RedisError as exc:
+            # The reader asks again within ``block_ms`` anyway.
+            self._woken = False
+            log.warning("could not wake the event bus reader (%s)", exc)
 
     async def _last_id(self, key: str) -> str:
         try:
@@ -227,70 +274,83 @@ class RedisBus:
             raise Unavailable(f"Redis is unavailable ({exc}); try again shortly") from exc
         return text(last[0][0]) if last else "0-0"
 
-    async def _take_turns(self, followed: _Followed, buffer: Buffer) -> None:
-        """Read ``followed`` for every subscription to it while no other subscription's task
-        does; otherwise wait for that one to stop (it left), then take over."""
-        while followed.reading:
-            await followed.handed_over.wait()
-            if buffer.dropped is not None:
-                return  # this subscription is ending: it reads for nobody
-        if followed.finished:
-            return  # the run's last event was handed out: nothing more will come
-        followed.reading = True
-        try:
-            await self._read(followed)
-        finally:
-            followed.reading = False
-            followed.handed_over.set()
-            followed.handed_over = anyio.Event()
-
-    async def _read(self, followed: _Followed) -> None:
-        """Hand each entry after ``followed.last`` to every subscription of the stream, until
-        none is left or the stream cannot be read any more (every subscription then ends)."""
+    async def _read(self) -> None:
+        """Hand each new entry of every followed stream to every subscription of that stream,
+        until no stream is followed (at the next reply) or the streams cannot be read any more
+        (every subscription then ends)."""
         self.reader_count += 1
         try:
             failures = 0
-            while followed.buffers:
-                last = followed.last
-                assert last is not None
+            while True:
+                streams = {
+                    key: followed.last
+                    for key, followed in self._streams.items()
+                    if followed.last is not None and not followed.finished
+                }
+                if not streams:
+                    self._reader = None  # a stream followed from now on starts another reader
+                    return
+                streams[self._wake_key] = self._wake_last
+                self._reading, self._woken = streams, False
                 try:
-                    response = await self.redis.xread({followed.key: last}, count=500, block=self.block_ms)
+                    response = await self.redis.xread(streams, count=500, block=self.block_ms)  # type: ignore[arg-type]
                 except TRANSIENT as exc:
                     failures += 1
                     delay = min(self.backoff_cap, 0.1 * 2 ** min(failures, 16))
-                    log.warning(
-                        "redis unavailable while reading %s (%s); retrying in %.1fs", followed.key, exc, delay
-                    )
+                    log.warning("redis unavailable while reading events (%s); retrying in %.1fs", exc, delay)
                     await anyio.sleep(delay)
                     continue
                 except RedisError as exc:
-                    if self._streams.get(followed.key) is followed:
-                        del self._streams[followed.key]  # later subscriptions start afresh
-                    for buffer in list(followed.buffers):
-                        buffer.end(f"lost its event stream ({exc})")
-                    followed.buffers.clear()
-                    return
+                    self._lose(streams, exc)
+                    continue
+                finally:
+                    self._reading = None
                 failures = 0
-                for entry_id, fields in stream_entries(response):
-                    followed.last = entry_id
-                    try:
-                        event = decode(fields or {})
-                    except (KeyError, ValueError) as exc:
-                        log.warning("skipping unreadable event %s in %s: %s", entry_id, followed.key, exc)
+                for key, entries in stream_replies(response):
+                    if key == self._wake_key:
+                        if entries:
+                            self._wake_last = entries[-1][0]
                         continue
-                    for buffer in list(followed.buffers):
-                        if not buffer.offer(event):
-                            followed.buffers.discard(buffer)
-                    if event.type is EventType.WORKFLOW_FINISHED and followed.key != self.keys.events:
-                        followed.finished = True
-                if followed.finished:
-                    return
+                    followed = self._streams.get(key)
+                    if followed is not None:
+                        self._hand_out(followed, entries)
+        except BaseException as exc:
+            if self._reader is asyncio.current_task():
+                self._reader = None
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("the event bus reader failed")
+                self._lose(dict.fromkeys(self._streams), exc)
+            raise
         finally:
             self.reader_count -= 1
 
+    def _hand_out(self, followed: _Followed, entries: list[tuple[str, Mapping[Any, Any] | None]]) -> None:
+        for entry_id, fields in entries:
+            followed.last = entry_id
+            try:
+                event = decode(fields or {})
+            except (KeyError, ValueError) as exc:
+                log.warning("skipping unreadable event %s in %s: %s", entry_id, followed.key, exc)
+                continue
+            for buffer in list(followed.buffers):
+                if not buffer.offer(event):
+                    followed.buffers.discard(buffer)
+            if event.type is EventType.WORKFLOW_FINISHED and followed.key != self.keys.events:
+                followed.finished = True  # nothing more comes: not read again
+
+    def _lose(self, streams: Mapping[str, Any], exc: BaseException) -> None:
+        """End the subscriptions of ``streams``, which cannot be read (later ones start afresh)."""
+        for key in streams:
+            followed = self._streams.pop(key, None)
+            if followed is None:
+                continue
+            for buffer in list(followed.buffers):
+                buffer.end(f"lost its event stream ({exc})")
+            followed.buffers.clear()
+
 
 class _Followed:
-    """One stream's subscriptions in this process, and where their shared reader is."""
+    """One stream's subscriptions in this process, and where the reader is in it."""
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -300,7 +360,5 @@ class _Followed:
         self.ready = anyio.Event()
         self.failure: Unavailable | None = None
         self.buffers: set[Buffer] = set()
-        self.reading = False
-        self.handed_over = anyio.Event()
         self.finished = False
         """A run's stream whose ``workflow.finished`` was handed out: no one reads it again."""

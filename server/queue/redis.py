@@ -75,13 +75,21 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def stream_entries(response: Any) -> list[tuple[str, Mapping[Any, Any] | None]]:
-    """The entries of an ``XREAD``/``XREADGROUP`` reply on one stream, whichever reply shape the
+def stream_replies(response: Any) -> list[tuple[str, list[tuple[str, Mapping[Any, Any] | None]]]]:
+    """The entries of an ``XREAD``/``XREADGROUP`` reply by stream, whichever reply shape the
     client was configured for (a list of ``[stream, entries]`` or a dict by stream)."""
     if not response:
         return []
-    per_stream = list(response.values()) if isinstance(response, dict) else [item[1] for item in response]
-    return [(text(entry_id), fields) for entries in per_stream for entry_id, fields in entries]
+    items = response.items() if isinstance(response, dict) else ((item[0], item[1]) for item in response)
+    return [
+        (text(stream), [(text(entry_id), fields) for entry_id, fields in entries])
+        for stream, entries in items
+    ]
+
+
+def stream_entries(response: Any) -> list[tuple[str, Mapping[Any, Any] | None]]:
+    """The entries of an ``XREAD``/``XREADGROUP`` reply on one stream (see ``stream_replies``)."""
+    return [entry for _, entries in stream_replies(response) for entry in entries]
 
 
 @dataclass(eq=False)

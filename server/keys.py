@@ -20,8 +20,8 @@ EVENTS = "events"
 """The global event feed (every run's events), trimmed to an approximate length."""
 
 BUS_WAKE = "bus-wake:{token}"
-"""A stream of one API process's event bus, added to so that its reader (blocked in ``XREAD``
-on the streams it follows) comes back and follows a new one too."""
+"""A stream of one reader of an API process's event bus, added to so that the reader (blocked
+in ``XREAD`` on the streams it follows) comes back and follows a new one too."""
 
 RUN_ALIVE = "run:{run_id}:alive"
 """Set (with a time to live) while a worker executes the run, refreshed by its heartbeat: the
@@ -58,7 +58,7 @@ class Keys:
         return f"{self.prefix}:{EVENTS}:{run_id}"
 
     def bus_wake(self, token: str) -> str:
-        """One event bus's wake-up stream (see ``BUS_WAKE``)."""
+        """One event bus reader's wake-up stream (see ``BUS_WAKE``)."""
         return f"{self.prefix}:{BUS_WAKE.format(token=token)}"
 
     def run_alive(self, run_id: str) -> str:

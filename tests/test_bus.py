@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import pytest
 
 from server.bus.base import SubscriberTooSlow, Subscription
 from server.bus.memory import MemoryBus
-from server.bus.redis import RedisBus
+from server.bus.redis import STREAMS_PER_READER, RedisBus
 from server.errors import Unavailable
 from server.events import Event
 from server.keys import Keys
@@ -332,10 +333,10 @@ async def test_redis_away_every_subscription_waiting_on_the_first_fails_unavaila
 
 
 @pytest.mark.anyio
-async def test_redis_runs_followed_at_once_share_one_reader_and_connection(redis_backend: Backend) -> None:
+async def test_redis_runs_followed_at_once_share_readers_and_connections(redis_backend: Backend) -> None:
     """150 runs streamed at once (more than redis-py's default pool of 100) all subscribe and get
-    their run's events, read by one XREAD on one connection: the bus holds a handful of
-    connections, not one per run."""
+    their run's events, read in groups by one XREAD each on a connection each: the bus holds a
+    handful of connections, not one per run."""
     api, worker = redis_backend.bus(), redis_backend.bus()
     assert isinstance(api, RedisBus)
     count = 150
@@ -348,10 +349,38 @@ async def test_redis_runs_followed_at_once_share_one_reader_and_connection(redis
         for i, subscription in enumerate(subscriptions):
             assert [(e.run_id, e.seq) for e in await receive(subscription, 1)] == [(f"run{i}", 2)]
 
-        assert api.reader_count == 1
+        readers = math.ceil(count / STREAMS_PER_READER)
+        assert api.reader_count == readers
         name = f"{redis_backend.keys.prefix}-bus"
         clients = [c for c in await admin.client_list() if c.get("name") == name]
-        assert 1 <= len(clients) <= 3 * 2  # the API's and the worker's buses: a few each
+        assert readers <= len(clients) <= readers + 2 * 2  # the API's and the worker's buses
+
+
+@pytest.mark.anyio
+async def test_redis_a_full_reader_makes_room_for_a_stream_when_one_of_its_streams_is_left(
+    redis_backend: Backend,
+) -> None:
+    """A reader follows STREAMS_PER_READER streams at most, the next ones get another reader; a
+    stream left frees its place at once, and the stream after takes it (no third reader; its
+    reader, blocked for 30 s here, is woken for it) and gets its events at once."""
+    api = RedisBus(redis_backend.url, prefix=redis_backend.keys.prefix, block_ms=30_000)
+    worker = redis_backend.bus()
+    try:
+        async with AsyncExitStack() as stack:
+            first = await stack.enter_async_context(AsyncExitStack())
+            await first.enter_async_context(api.subscribe("r0"))
+            count = 2 * STREAMS_PER_READER
+            rest = [await stack.enter_async_context(api.subscribe(f"r{i}")) for i in range(1, count)]
+            assert api.reader_count == 2
+            await first.aclose()  # r0 is left: a place in the first reader
+            async with api.subscribe("next") as later:
+                assert api.reader_count == 2
+                await worker.publish_many([event("next", 1), event("r1", 1), event(f"r{count - 1}", 1)])
+                assert [(e.run_id, e.seq) for e in await receive(later, 1)] == [("next", 1)]
+                assert [(e.run_id, e.seq) for e in await receive(rest[0], 1)] == [("r1", 1)]
+                assert [(e.run_id, e.seq) for e in await receive(rest[-1], 1)] == [(f"r{count - 1}", 1)]
+    finally:
+        await api.close()
 
 
 @pytest.mark.anyio

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +152,7 @@ class RedisBus:
     @property
     def reader_count(self) -> int:
         """Readers running: one for every ``STREAMS_PER_READER`` streams followed, or fewer."""
-        return sum(1 for reader in self._readers if reader.task is not None)
+        return len(self._readers)
 
     async def publish(self, event: Event) -> None:
         """Append the event to its run's stream and to the feed. Concurrent calls share one
@@ -216,7 +216,7 @@ class RedisBus:
             # (redis-py can swallow a cancellation that comes as a command is being sent).
             if reader.reading is not None:
                 await self._wake(reader)
-        tasks = {reader.task for reader in readers if reader.task is not None}
+        tasks = {reader.task for reader in readers}
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT)
             for task in pending:
@@ -259,14 +259,14 @@ class RedisBus:
         """Have a reader read ``followed`` too: one with room for it (woken if it is blocked
         without), else a new one."""
         reader = next((r for r in self._readers if len(r.keys) < STREAMS_PER_READER), None)
-        if reader is None:
-            reader = _Reader(self.keys.bus_wake(uuid.uuid4().hex))
-            self._readers.append(reader)
-        reader.keys.add(followed.key)
         followed.reader = reader
-        if reader.task is None:
+        if reader is None:
+            reader = followed.reader = _Reader(self.keys.bus_wake(uuid.uuid4().hex), {followed.key})
             reader.task = asyncio.get_running_loop().create_task(self._read(reader), name="braid bus reader")
-        elif reader.reading is not None and followed.key not in reader.reading and not reader.woken:
+            self._readers.append(reader)
+            return
+        reader.keys.add(followed.key)
+        if reader.reading is not None and followed.key not in reader.reading and not reader.woken:
             await self._wake(reader)
 
     async def _wake(self, reader: _Reader) -> None:
@@ -304,8 +304,7 @@ class RedisBus:
                     else:
                         streams[key] = followed.last
                 if not streams:
-                    reader.task = None  # a stream given to it from now on starts it again
-                    if reader in self._readers:
+                    if reader in self._readers:  # a stream followed from now on gets a new one
                         self._readers.remove(reader)
                     return
                 streams[reader.wake_key] = reader.wake_last
@@ -333,12 +332,11 @@ class RedisBus:
                     if followed is not None:
                         self._hand_out(followed, entries)
         except BaseException as exc:
-            reader.task = None
             if reader in self._readers:
                 self._readers.remove(reader)
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("an event bus reader failed")
-                self._lose(dict.fromkeys(reader.keys), exc)
+                self._lose(reader.keys, exc)
             raise
 
     def _hand_out(self, followed: _Followed, entries: list[tuple[str, Mapping[Any, Any] | None]]) -> None:
@@ -355,9 +353,9 @@ class RedisBus:
             if event.type is EventType.WORKFLOW_FINISHED and followed.key != self.keys.events:
                 followed.finished = True  # nothing more comes: not read again
 
-    def _lose(self, streams: Mapping[str, Any], exc: BaseException) -> None:
+    def _lose(self, streams: Iterable[str], exc: BaseException) -> None:
         """End the subscriptions of ``streams``, which cannot be read (later ones start afresh)."""
-        for key in streams:
+        for key in list(streams):
             followed = self._streams.pop(key, None)
             if followed is None:
                 continue
@@ -369,10 +367,11 @@ class RedisBus:
 class _Reader:
     """A task of the bus reading up to ``STREAMS_PER_READER`` streams with one ``XREAD``."""
 
-    def __init__(self, wake_key: str) -> None:
-        self.keys: set[str] = set()
+    task: asyncio.Task[None]
+
+    def __init__(self, wake_key: str, keys: set[str]) -> None:
+        self.keys = keys
         """The streams it follows (it drops those left or finished as it next asks)."""
-        self.task: asyncio.Task[None] | None = None
         self.reading: dict[str, str] | None = None
         """The streams of its ``XREAD`` in flight (None while it is not blocked)."""
         self.woken = False
